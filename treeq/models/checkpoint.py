@@ -1,0 +1,104 @@
+"""Saving and loading DiT weights: our safetensors + JSON pair and official `.pt` checkpoints.
+
+Every load is strict: a checkpoint that misses keys, carries unexpected ones or has
+other shapes raises `CheckpointError` naming them, never a silent partial load.
+Writes go to a temporary file first and are renamed into place, so a failure never
+leaves half a checkpoint behind.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .dit import DiT, DiTConfig
+from .registry import config_for
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model it claims to be."""
+
+
+def _atomic_write(path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model, prefix):
+    """Write `prefix.safetensors` (weights) and `prefix.json` (the DiTConfig)."""
+    prefix = Path(prefix)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(prefix.with_suffix(".safetensors"), lambda p: save_file(state, str(p)))
+    config = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
+    _atomic_write(prefix.with_suffix(".json"), lambda p: p.write_text(config))
+
+
+def load_state_strict(model, state, source):
+    """Load `state` into `model` or raise naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(prefix):
+    """Load a model written by `save_model` (give the path with or without a suffix)."""
+    prefix = Path(prefix)
+    if prefix.suffix in (".json", ".safetensors"):
+        prefix = prefix.with_suffix("")
+    config_path, weights_path = prefix.with_suffix(".json"), prefix.with_suffix(".safetensors")
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"no such file: {path}")
+    try:
+        config = DiTConfig(**json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{config_path} is not a DiT config: {error}") from None
+    try:
+        state = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    return load_state_strict(DiT(config), state, weights_path).eval()
+
+
+def read_torch_checkpoint(path):
+    """A state dict from a `.pt` file; DiT training checkpoints keep the EMA weights under 'ema'."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return state
+
+
+def load_official(path, name, **overrides):
+    """An official facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt) as model `name`.
+
+    The image size is read from the position embedding, so DiT-XL/2 at 256 or 512 loads alike.
+    """
+    state = read_torch_checkpoint(path)
+    config = config_for(name, **overrides)
+    if "pos_embed" in state and "input_size" not in overrides:
+        tokens = state["pos_embed"].shape[1]
+        config.input_size = int(round(tokens ** 0.5)) * config.patch_size
+    return load_state_strict(DiT(config), state, path).eval()
