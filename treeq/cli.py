@@ -1,16 +1,41 @@
-"""The `treeq` command line: train, sample, eval, info, quantize, export and bench.
+"""The `treeq` command line: train, sample, eval, info, quantize, export, bench and demo.
 
 Every command is `main(argv) -> exit code`, so tests call it in-process. Expected
 failures (bad paths, wrong checkpoints, impossible settings) print one line on
-stderr and exit 2; no traceback.
+stderr and exit 2, never a traceback.
 """
 import argparse
+import json
 import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+def _load(args):
+    """The model named by --model, or the quantized model in --quant when given."""
+    if getattr(args, "quant", None):
+        from .quant.export import load_exported
+        return load_exported(args.quant)
+    from .models.load import load
+    return load(args.model)
+
+
+def _sampling_overrides(args):
+    return {k: getattr(args, k) for k in ("sampler", "steps", "cfg_scale") if getattr(args, k, None) is not None}
+
+
+def _print(result, as_json):
+    if as_json:
+        print(json.dumps(result, indent=None if isinstance(result, dict) else 1))
+    elif isinstance(result, dict):
+        for key, value in result.items():
+            print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    else:
+        from .bench.table import format_table
+        print(format_table(result))
 
 
 def cmd_train(args):
-    from dataclasses import fields
-
     from .data import mnist
     from .diffusion.train import TrainConfig, train
 
@@ -21,23 +46,123 @@ def cmd_train(args):
     return 0
 
 
-def add_train_parser(sub):
-    from dataclasses import fields
+def cmd_sample(args):
+    from .eval.export import save_adm_npz, save_grid_png
+    from .experiment import generate
 
-    from .diffusion.train import TrainConfig
+    model = _load(args)
+    images, labels, seconds = generate(model, args.num_samples, args.seed, **_sampling_overrides(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_adm_npz(images, out / "samples.npz")
+    save_grid_png(images[:100], out / "grid.png", nrow=10)
+    print(f"{len(images)} samples in {seconds:.1f} s -> {out}/samples.npz, {out}/grid.png")
+    return 0
 
-    parser = sub.add_parser("train", help="train a DiT on the embedded MNIST digits")
-    for field in fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
-    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, model.safetensors")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.set_defaults(func=cmd_train)
+
+def cmd_eval(args):
+    from .experiment import generate, sample_and_measure
+
+    model = _load(args)
+    overrides = _sampling_overrides(args)
+    fp_images = None
+    if args.quant:  # fidelity to full precision: the FP model with identical seeds
+        from .models.load import load
+        fp_images = generate(load(args.model), args.num_samples, args.seed, **overrides)[0]
+    metrics, _, _ = sample_and_measure(model, args.num_samples, args.seed, fp_images, **overrides)
+    _print(metrics, args.json)
+    return 0
+
+
+def cmd_info(args):
+    from .bits import layer_macs, quantizable_layers
+
+    model = _load(args)
+    macs = layer_macs(model)
+    layers = quantizable_layers(model)
+    params = sum(p.numel() for p in model.parameters())
+    info = {"config": model.config.to_dict(), "parameters": params, "quantizable_layers": len(layers),
+            "macs_per_image": sum(macs.values()),
+            "layers": [{"name": n, "shape": list(model.get_submodule(n).weight.shape), "macs": macs[n]} for n in layers]}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"parameters {params:,}; {len(layers)} quantizable linears; {info['macs_per_image'] / 1e6:.1f} M MACs per image")
+    for row in info["layers"]:
+        print(f"  {row['name']:<28} {str(tuple(row['shape'])):<14} {row['macs'] / 1e6:8.3f} M MACs")
+    return 0
+
+
+def cmd_bench(args):
+    if args.which == "kernels":
+        from .bench.kernels import bench_kernels
+        rows = bench_kernels()
+    elif args.which == "fp":
+        from .bench.fp import bench_fp
+        rows = bench_fp(args.num_samples, args.seed)
+    else:
+        from .bench.ptq import bench_ptq
+        rows = bench_ptq(args.num_samples, args.seed)
+    _print(rows, args.json)
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    return run_demo(args.out, num_samples=args.num_samples)
+
+
+def _add_sampling(parser, num_samples):
+    parser.add_argument("--model", default="default",
+                        help="'default' (the embedded testbed), a TreeQ .safetensors, an official .pt or a diffusers folder")
+    parser.add_argument("--num-samples", type=int, default=num_samples)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm"), default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cfg-scale", type=float, default=None)
 
 
 def build_parser():
+    from .diffusion.train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="treeq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
+
+    train = sub.add_parser("train", help="train a DiT on the embedded MNIST digits")
+    for field in fields(TrainConfig):
+        train.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    train.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, model.safetensors")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="sample images (ADM .npz and a PNG grid)")
+    _add_sampling(sample, 100)
+    sample.add_argument("--quant", help="a folder written by `treeq quantize` or `treeq export`")
+    sample.add_argument("--out", required=True)
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = sub.add_parser("eval", help="sample and measure FID, sFID, IS, precision/recall, accuracy")
+    _add_sampling(evaluate, 500)
+    evaluate.add_argument("--quant", help="measure this quantized model (and its PSNR vs --model)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=cmd_eval)
+
+    info = sub.add_parser("info", help="layers, parameters and MACs of a model")
+    info.add_argument("--model", default="default")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info, quant=None)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench.add_argument("which", choices=("fp", "ptq", "kernels"))
+    bench.add_argument("--num-samples", type=int, default=500)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded testbed")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--num-samples", type=int, default=200)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -45,7 +170,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+    except (FileNotFoundError, ValueError, OSError) as error:
         print(f"treeq: error: {error}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@ other shapes raises `CheckpointError` naming them, never a silent partial load.
 Writes go to a temporary file first and are renamed into place, so a failure never
 leaves half a checkpoint behind.
 """
+import argparse
 import json
 import os
 from pathlib import Path
@@ -81,7 +82,9 @@ def read_torch_checkpoint(path):
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # the official train.py also saves its argparse.Namespace under 'args'; allow just that class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):

@@ -28,6 +28,7 @@ class DiTConfig:
     learn_sigma: bool = True
     freq_shift: float = 0.0       # diffusers' DiT divides frequencies by (half - 1): freq_shift = 1
     norm_eps: float = 1e-6
+    mlp_norm_eps: float | None = None  # eps of the norm before the MLP; None = norm_eps (diffusers' DiT: 1e-5)
 
     def to_dict(self):
         return asdict(self)
@@ -131,11 +132,12 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio, norm_eps):
+    def __init__(self, hidden_size, num_heads, mlp_ratio, norm_eps, mlp_norm_eps=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
+        mlp_eps = norm_eps if mlp_norm_eps is None else mlp_norm_eps
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -172,7 +174,7 @@ class DiT(nn.Module):
         # Fixed sin-cos position embedding; a parameter (not a buffer) so the official key loads.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, config.hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio, config.norm_eps)
+            DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio, config.norm_eps, config.mlp_norm_eps)
             for _ in range(config.depth)
         ])
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels, config.norm_eps)

@@ -1,7 +1,7 @@
 """Named model sizes: the published DiT family and the embedded MNIST testbed."""
 from .dit import DiT, DiTConfig
 
-_FAMILY = {  # name -> (depth, hidden_size, num_heads), from the DiT paper's Table 1
+FAMILY = {  # name -> (depth, hidden_size, num_heads), from the DiT paper's Table 1
     "S": (12, 384, 6),
     "B": (12, 768, 12),
     "L": (24, 1024, 16),
@@ -16,7 +16,7 @@ TESTBED = DiTConfig(
 
 
 def model_names():
-    names = [f"DiT-{size}/{patch}" for size in _FAMILY for patch in (2, 4, 8)]
+    names = [f"DiT-{size}/{patch}" for size in FAMILY for patch in (2, 4, 8)]
     return names + ["DiT-MNIST"]
 
 
@@ -27,7 +27,7 @@ def config_for(name, **overrides):
     else:
         try:
             size, patch = name.removeprefix("DiT-").split("/")
-            depth, hidden, heads = _FAMILY[size]
+            depth, hidden, heads = FAMILY[size]
             config = DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
         except (KeyError, ValueError):
             raise ValueError(f"unknown model name {name!r}; known: {', '.join(model_names())}") from None

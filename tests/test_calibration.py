@@ -1,0 +1,30 @@
+"""Calibration sets: seeded, shaped as the model's inputs, cached on disk."""
+import torch
+
+from treeq.quant.calibration import collect_calibration, load_or_collect, model_fingerprint
+
+
+def test_calibration_is_deterministic_and_covers_timesteps(tiny_dit):
+    a = collect_calibration(tiny_dit, num_images=2, num_timesteps=3, steps=5)
+    b = collect_calibration(tiny_dit, num_images=2, num_timesteps=3, steps=5)
+    x, t, y = a
+    assert x.shape == (3 * 4, 1, 32, 32)  # 3 kept steps x (2 conditional + 2 null-class rows)
+    assert len(t.unique()) == 3
+    assert (y == tiny_dit.config.num_classes).sum() == 6  # the null halves of the guided batch
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    c = collect_calibration(tiny_dit, num_images=2, num_timesteps=3, steps=5, seed=99)
+    assert not torch.equal(c[0], x)
+
+
+def test_calibration_cache_round_trip(tiny_dit, tmp_path):
+    first = load_or_collect(tiny_dit, tmp_path, num_images=2, num_timesteps=2, steps=3)
+    assert len(list(tmp_path.iterdir())) == 1
+    second = load_or_collect(tiny_dit, tmp_path, num_images=2, num_timesteps=2, steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+
+
+def test_fingerprint_changes_with_weights(tiny_dit):
+    before = model_fingerprint(tiny_dit)
+    with torch.no_grad():
+        tiny_dit.blocks[0].attn.qkv.weight[0, 0] += 1e-3
+    assert model_fingerprint(tiny_dit) != before
