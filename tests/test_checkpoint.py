@@ -180,7 +180,8 @@ def test_shape_mismatch_names_key_and_both_shapes(tiny_latent_dit, tmp_path):
     state = tiny_latent_dit.state_dict()
     state["blocks.1.attn.proj.weight"] = torch.zeros(64, 32)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn\.proj\.weight: checkpoint \(64, 32\) vs model \(64, 64\)"):
+    expected = r"blocks\.1\.attn\.proj\.weight: checkpoint \(64, 32\) vs model \(64, 64\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_official(tmp_path / "bad.pt", "DiT-XL/2", **TINY_LATENT)
 
 

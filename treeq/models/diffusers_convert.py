@@ -42,7 +42,8 @@ def config_from_diffusers(diffusers_config):
     settings = {**_DEFAULTS, **diffusers_config}
     class_name = settings.get("_class_name", _CLASS_NAMES[0])
     if class_name not in _CLASS_NAMES:
-        raise CheckpointError(f"diffusers class {class_name!r} is not a DiT; expected one of {', '.join(_CLASS_NAMES)}")
+        raise CheckpointError(f"diffusers class {class_name!r} is not a DiT; "
+                              f"expected one of {', '.join(_CLASS_NAMES)}")
     unsupported = [f"{key}={settings.get(key, value)!r} (need {value!r})"
                    for key, value in _REQUIRED.items() if settings.get(key, value) != value]
     if unsupported:
@@ -123,8 +124,7 @@ def convert_diffusers_state_dict(state, config):
     """
     key_map, copies = _key_map(config.depth), _embedder_copies(config.depth)
     _check_keys(state, {key for keys in key_map.values() for key in keys} | set(copies))
-    diverged = sorted(copy for copy, first in copies.items()
-                      if state[copy].shape != state[first].shape or not torch.equal(state[copy], state[first]))
+    diverged = sorted(copy for copy, first in copies.items() if not torch.equal(state[copy], state[first]))
     if diverged:
         raise CheckpointError(f"per-block embedders differ from block 0's, which our DiT cannot share: "
                               f"{', '.join(diverged[:8])}")

@@ -10,7 +10,7 @@ FAMILY = {  # name -> (depth, hidden_size, num_heads), from the DiT paper's Tabl
 
 # The embedded default: 1-channel 32x32 MNIST pixels, 12 blocks -> 72 quantizable linears.
 TESTBED = DiTConfig(
-    input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=12, num_heads=4,
+    input_size=32, patch_size=4, in_channels=1, hidden_size=96, depth=12, num_heads=3,
     num_classes=10, class_dropout_prob=0.1, learn_sigma=True,
 )
 

@@ -49,9 +49,7 @@ class QuantLinear(nn.Linear):
         self.symmetric = symmetric
         self.group_size = group_size
         self.clip = clip
-        if act_scale is not None and not torch.is_tensor(act_scale):
-            act_scale = torch.tensor(float(act_scale), device=device)
-        self.register_buffer("act_scale", act_scale)
+        self.register_buffer("act_scale", None if act_scale is None else torch.as_tensor(act_scale, device=device))
         self.register_module("input_transform", input_transform)
         self.register_module("branch", branch)
         self.rounded_weights = {}
@@ -60,10 +58,14 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear, w_bits=32, a_bits=32, **options):
         """Wrap `linear`, sharing its weight and bias parameters (no copy)."""
+        act_scale = options.pop("act_scale", None)
+        # Built on the meta device: no memory or initialisation for parameters about to be replaced.
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     w_bits=w_bits, a_bits=a_bits, device="meta", **options)
         layer.weight = linear.weight
         layer.bias = linear.bias
+        if act_scale is not None:
+            layer.act_scale = torch.as_tensor(act_scale, device=linear.weight.device)
         layer.clear_cache()
         return layer
 

@@ -1,0 +1,143 @@
+"""The integer inference path of a quantized linear: int8 x int8 -> int32 GEMM, rescaled once.
+
+What an exported TreeQ checkpoint runs. Weight codes are held in int8 (unpacked once at load),
+inputs are quantized per token at run time exactly as QuantLinear's fake quantization rounds
+them, and `torch._int_mm` does the multiply-accumulate; only the float rounding order differs.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantizers import QUANTIZED_BITS, QuantizedWeight, check_bits, code_range, dequantize_weight, is_full_precision
+
+# torch._int_mm on CUDA (cuBLAS) wants more than 16 rows and K, N multiples of 8; the CPU kernel
+# takes any shape (checked on torch 2.13). Padding to the CUDA limits everywhere keeps one code path:
+# on DiT shapes it only pads the adaLN rows (one per image), and zero padding adds nothing to a sum.
+_MIN_ROWS = 17
+_MULTIPLE = 8
+
+
+def int_matmul(a, b):
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32 via torch._int_mm, zero-padded to shapes it accepts."""
+    (m, k), n = a.shape, b.shape[1]
+    pad_m, pad_k, pad_n = max(0, _MIN_ROWS - m), -k % _MULTIPLE, -n % _MULTIPLE
+    if pad_m or pad_k:
+        a = F.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = F.pad(b, (0, pad_n, 0, pad_k))
+    out = torch._int_mm(a, b)
+    return out[:m, :n] if pad_m or pad_n else out
+
+
+class IntLinear(nn.Module):
+    """y = s_x s_w (codes_x @ (codes_w - z)^T) + bias + branch(T(x)), with T = `input_transform`.
+
+    Buffers: `weight_codes` (out, in) int8, `weight_scale` (out, n_groups) float32, `weight_zero_point`
+    like the scale (asymmetric weights only), `bias`, and `act_scale` (a static per-tensor input scale;
+    None quantizes each token from its absmax). With a_bits 16 or 32 the input stays float and the layer
+    multiplies it by the dequantized weight in floating point: there is no integer GEMM without integer inputs.
+    """
+
+    def __init__(self, in_features, out_features, *, w_bits, a_bits, bias=True, symmetric=True, group_size=None,
+                 static_act_scale=False, input_transform=None, branch=None, device=None):
+        super().__init__()
+        if check_bits(w_bits) not in QUANTIZED_BITS:
+            raise ValueError(f"IntLinear holds integer weights: w_bits must be in {QUANTIZED_BITS}, got {w_bits}")
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or in_features % group_size):
+            raise ValueError(f"group_size must be None or a positive divisor of in_features {in_features}, "
+                             f"got {group_size!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.a_bits = w_bits, check_bits(a_bits)
+        self.group_size = group_size
+        n_groups = 1 if group_size is None else in_features // group_size
+        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, device=device))
+        self.register_buffer("weight_zero_point", None if symmetric else torch.zeros(out_features, n_groups,
+                                                                                      device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("act_scale", torch.ones((), device=device) if static_act_scale else None)
+        self.register_module("input_transform", input_transform)
+        self.register_module("branch", branch)
+
+    @classmethod
+    def from_quant_linear(cls, layer):
+        """The integer twin of a QuantLinear at its current bits (transform and branch copied)."""
+        quantized = layer.quantized_weight()
+        module = cls(layer.in_features, layer.out_features, w_bits=layer.w_bits, a_bits=layer.a_bits,
+                     bias=layer.bias is not None, symmetric=quantized.symmetric, group_size=quantized.group_size,
+                     static_act_scale=layer.act_scale is not None, input_transform=copy.deepcopy(layer.input_transform),
+                     branch=copy.deepcopy(layer.branch), device=layer.weight.device)
+        with torch.no_grad():
+            module.weight_codes.copy_(quantized.codes)
+            module.weight_scale.copy_(quantized.scale)
+            if quantized.zero_point is not None:
+                module.weight_zero_point.copy_(quantized.zero_point)
+            if layer.bias is not None:
+                module.bias.copy_(layer.bias)
+            if layer.act_scale is not None:
+                module.act_scale.copy_(layer.act_scale)
+        return module
+
+    @property
+    def symmetric(self):
+        return self.weight_zero_point is None
+
+    def quantized_weight(self):
+        """The held weight as a QuantizedWeight (what an export packs)."""
+        return QuantizedWeight(self.weight_codes, self.weight_scale, self.weight_zero_point, self.w_bits,
+                               self.group_size)
+
+    def forward(self, x):
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        flat = x.reshape(-1, self.in_features)
+        if is_full_precision(self.a_bits):
+            out = F.linear(flat.float(), dequantize_weight(self.quantized_weight()))
+        else:
+            codes, scale = self.quantize_input(flat)
+            out = self.integer_matmul(codes).mul_(scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        if self.branch is not None:
+            out.add_(self.branch(flat))
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def quantize_input(self, x):
+        """(int8 codes (M, K), float32 scale (M, 1) or ()) with x ~ codes * scale.
+
+        Rounds like quantizers.fake_quantize_activation (x times the reciprocal scale); rounding and
+        clamping run in place, so the overhead is a few memory passes over x next to the GEMM.
+        """
+        qmin, qmax = code_range(self.a_bits, symmetric=True)
+        x = x.float()
+        if self.act_scale is None:
+            # abs().amax() beats linalg.vector_norm(inf) several-fold on CPU (torch 2.13).
+            scale = x.abs().amax(-1, keepdim=True).div_(qmax).clamp_min_(torch.finfo(torch.float32).tiny)
+        else:
+            scale = self.act_scale.float()
+        codes = (x * scale.reciprocal()).round_().clamp_(qmin, qmax)
+        return codes.to(torch.int8), scale
+
+    def integer_matmul(self, codes):
+        """sum_k codes_mk (codes_w_nk - z_n) s_w_n over each weight group: float32 (M, N), not yet scaled per token.
+
+        Group-wise weights run one _int_mm per group (their scales differ along K); a zero point is
+        a rank-one correction from the row sums of the input codes, so weights are never dequantized.
+        """
+        width = self.in_features if self.group_size is None else self.group_size
+        out = None
+        for group in range(self.weight_scale.shape[1]):
+            columns = slice(group * width, (group + 1) * width)
+            part = int_matmul(codes[:, columns], self.weight_codes[:, columns].t()).float()
+            if self.weight_zero_point is not None:
+                row_sums = codes[:, columns].sum(-1, dtype=torch.int32).float()
+                part.addr_(row_sums, self.weight_zero_point[:, group], alpha=-1)
+            part.mul_(self.weight_scale[:, group])
+            out = part if out is None else out.add_(part)
+        return out
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
+                f"a_bits={self.a_bits}, group_size={self.group_size}, symmetric={self.symmetric}")
