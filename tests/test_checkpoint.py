@@ -220,3 +220,16 @@ def test_model_sizes_match_the_paper():
     assert trainable["DiT-XL/2"] == 675_129_632 - 256 * 1152  # 16x16 tokens of width 1152
     for size, millions in PAPER_MILLIONS.items():
         assert round(trainable[f"DiT-{size}/2"] / 1e6) == millions
+
+
+def test_official_architecture_is_read_off_the_shapes(tmp_path):
+    """`treeq ... --model X.pt` needs no architecture name: a DiT-S/8 at 64px is recognised."""
+    from treeq.models.load import load
+    torch.manual_seed(0)
+    model = create_model("DiT-S/8", input_size=64, num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / "small.pt")
+    loaded = load(tmp_path / "small.pt")
+    assert loaded.config.to_dict() == model.config.to_dict()
+    with pytest.raises(CheckpointError, match="no published DiT size"):
+        torch.save(create_model("DiT-MNIST").state_dict(), tmp_path / "testbed.pt")
+        load(tmp_path / "testbed.pt")

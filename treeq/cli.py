@@ -14,8 +14,8 @@ from pathlib import Path
 def _load(args):
     """The model named by --model, or the quantized model in --quant when given."""
     if getattr(args, "quant", None):
-        from .quant.export import load_exported
-        return load_exported(args.quant)
+        from .quant.recipe import load_quantized
+        return load_quantized(args.quant)
     from .models.load import load
     return load(args.model)
 
@@ -93,6 +93,30 @@ def cmd_info(args):
     return 0
 
 
+def cmd_quantize(args):
+    from .bits import average_bits
+    from .quant.recipe import build, save_recipe
+
+    options = {"rank": args.rank, "group_size": args.group_size, "clip": args.clip, "alpha": args.alpha}
+    calibration = {"num_images": args.calibration_images, "num_timesteps": args.calibration_timesteps}
+    model, quantized = build(args.model, args.config, args.method, options, calibration)
+    from .quant.apply import quantization_map
+    bits = quantization_map(quantized)
+    save_recipe(args.out, args.model, bits, args.method, options, calibration)
+    print(f"{len(bits)} layers quantized with {args.method}; average bits (BOPs) "
+          f"{average_bits(bits, model):.2f}; recipe in {args.out}/ (use --quant {args.out})")
+    return 0
+
+
+def cmd_export(args):
+    from .quant.export import export
+    from .quant.recipe import load_quantized
+
+    export(load_quantized(args.quant), args.out)
+    print(f"packed checkpoint in {args.out}/")
+    return 0
+
+
 def cmd_bench(args):
     if args.which == "kernels":
         from .bench.kernels import bench_kernels
@@ -151,6 +175,24 @@ def build_parser():
     info.add_argument("--model", default="default")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info, quant=None)
+
+    quant = sub.add_parser("quantize", help="quantize a model with a preset or a bit-configuration file")
+    quant.add_argument("--model", default="default")
+    quant.add_argument("--config", required=True, help="W8A8, W6A6, W4A8, W4A4, W3A3 or a bits .json file")
+    quant.add_argument("--method", default="rtn", choices=("rtn", "hadamard", "smooth", "gptq", "lowrank"))
+    quant.add_argument("--out", required=True)
+    quant.add_argument("--rank", type=int, default=32, help="rank of the low-rank branch (method lowrank)")
+    quant.add_argument("--group-size", type=int, default=None, help="group-wise weight scales (default per channel)")
+    quant.add_argument("--clip", choices=("minmax", "mse"), default="minmax")
+    quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    quant.add_argument("--calibration-images", type=int, default=32)
+    quant.add_argument("--calibration-timesteps", type=int, default=10)
+    quant.set_defaults(func=cmd_quantize)
+
+    export = sub.add_parser("export", help="write a packed integer checkpoint of a quantization run")
+    export.add_argument("--quant", required=True, help="a folder written by `treeq quantize`")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench.add_argument("which", choices=("fp", "ptq", "kernels"))

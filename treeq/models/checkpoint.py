@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .dit import DiT, DiTConfig
-from .registry import config_for
+from .registry import FAMILY, config_for
 
 
 class CheckpointError(ValueError):
@@ -94,14 +94,39 @@ def read_torch_checkpoint(path):
     return state
 
 
-def load_official(path, name, **overrides):
-    """An official facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt) as model `name`.
+def load_official(path, name=None, **overrides):
+    """An official facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt) as model `name`,
+    or, without a name, as the published size its tensor shapes match.
 
     The image size is read from the position embedding, so DiT-XL/2 at 256 or 512 loads alike.
     """
     state = read_torch_checkpoint(path)
+    if name is None:
+        return load_state_strict(DiT(config_from_state(state, path)), state, path).eval()
     config = config_for(name, **overrides)
     if "pos_embed" in state and "input_size" not in overrides:
         tokens = state["pos_embed"].shape[1]
         config.input_size = int(round(tokens ** 0.5)) * config.patch_size
     return load_state_strict(DiT(config), state, path).eval()
+
+
+def config_from_state(state, source="checkpoint"):
+    """DiTConfig of an official state dict, from its tensor shapes."""
+    try:
+        hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+        tokens = state["pos_embed"].shape[1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        table = state["y_embedder.embedding_table.weight"].shape[0]
+        mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{source} is not a DiT state dict (cannot read {error})") from None
+    heads = {(depth_, hidden_): heads_ for depth_, hidden_, heads_ in FAMILY.values()}
+    if (depth, hidden) not in heads:
+        # the head count changes the output but is not stored in the weights
+        raise CheckpointError(f"{source}: depth {depth}, width {hidden} is no published DiT size; "
+                              "save it with TreeQ (safetensors + JSON config) instead")
+    num_heads = heads[(depth, hidden)]
+    return DiTConfig(input_size=int(round(tokens ** 0.5)) * patch, patch_size=patch, in_channels=in_channels,
+                     hidden_size=hidden, depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden,
+                     num_classes=table - 1, class_dropout_prob=0.1, learn_sigma=out_channels == 2 * in_channels)

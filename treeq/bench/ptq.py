@@ -1,0 +1,33 @@
+"""`treeq bench ptq`: every PTQ baseline at every uniform setting on the testbed, same seeds.
+
+One full-precision sample set is the reference for PSNR; each quantized model samples
+the same labels from the same noise. Rows carry FID, sFID, class accuracy and PSNR vs FP.
+"""
+from tqdm import tqdm
+
+from ..bits import preset_config
+from ..experiment import generate, measure
+from ..models.load import load
+from ..quant.apply import quantize
+from ..quant.calibration import load_or_collect
+
+SETTINGS = ("W8A8", "W4A8", "W4A4", "W3A3")
+METHODS = ("rtn", "hadamard", "smooth", "gptq", "lowrank")
+COLUMNS = ("fid", "sfid", "class_accuracy", "psnr_vs_fp")
+
+
+def bench_ptq(num_samples=500, seed=0, settings=SETTINGS, methods=METHODS):
+    """Rows {setting, method, fid, sfid, class_accuracy, psnr_vs_fp}, the FP model first."""
+    model = load("default")
+    fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
+    rows = [_row("FP32", "-", measure(fp_images, labels))]
+    calibration = load_or_collect(model)
+    for setting, method in tqdm([(s, m) for s in settings for m in methods], desc="bench ptq"):
+        quantized = quantize(model, preset_config(model, setting), method=method, calibration=calibration)
+        images, _, _ = generate(quantized, num_samples, seed, progress=False)
+        rows.append(_row(setting, method, measure(images, labels, fp_images)))
+    return rows
+
+
+def _row(setting, method, metrics):
+    return {"setting": setting, "method": method, **{k: metrics[k] for k in COLUMNS}}

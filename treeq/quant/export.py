@@ -1,0 +1,235 @@
+"""Packed deployment checkpoints: a quantized DiT written at its real bit-widths, loaded as integer layers.
+
+`export` writes `<path>.safetensors` (each quantized linear's weight codes packed at its own bits,
+fp16 scales, bias, input-transform and branch tensors; every other parameter in its float dtype)
+and `<path>.json` (model config, bit configuration, per-layer quantizer settings, format version,
+checksum). `load_exported` rebuilds the DiT with IntLinear layers that run integer GEMMs.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ..branches.lowrank import LowRankBranch
+from ..models.checkpoint import CheckpointError, load_state_strict
+from ..models.dit import DiT, DiTConfig
+from .integer import IntLinear
+from .linear import QuantLinear
+from .pack import pack, unpack
+from .quantizers import code_range, is_full_precision
+from .rotation import HadamardTransform
+from .smooth import SmoothTransform
+
+FORMAT = "treeq-packed"
+FORMAT_VERSION = 1
+_FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
+
+# How each input transform and branch is described in the JSON and rebuilt (its tensors travel in
+# the safetensors file under `<layer>.input_transform.*` / `<layer>.branch.*`).
+_TRANSFORMS = {
+    "hadamard": (HadamardTransform, lambda module: {"width": module.width, "block_size": module.block.shape[0]},
+                 lambda spec, layer: HadamardTransform(spec["width"])),
+    "smooth": (SmoothTransform, lambda module: {},
+               lambda spec, layer: SmoothTransform(torch.ones(layer["in_features"]))),
+}
+_BRANCHES = {
+    "lowrank": (LowRankBranch, lambda module: {"rank": module.down.out_features},
+                lambda spec, layer: LowRankBranch(layer["in_features"], layer["out_features"], spec["rank"])),
+}
+
+
+def export(model, path):
+    """Write the packed checkpoint of a quantized DiT (QuantLinear or IntLinear layers) to `path`.{safetensors,json}.
+
+    A QuantLinear with both quantizers off is stored as the plain float linear it computes. Both files
+    are written under temporary names and renamed into place, so a failure leaves no half-written pair.
+    """
+    if not isinstance(getattr(model, "config", None), DiTConfig):
+        raise ValueError("export needs a DiT (a model with a DiTConfig `config`)")
+    quantized = {name: module for name, module in model.named_modules() if isinstance(module, (QuantLinear, IntLinear))}
+    tensors, layers = {}, {}
+    for name, module in quantized.items():
+        entry = _export_layer(name, module, tensors)
+        if entry is not None:
+            layers[name] = entry
+    owned = tuple(name + "." for name in quantized)
+    for key, value in model.state_dict().items():
+        if not key.startswith(owned):
+            tensors[key] = value
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
+            "bits": _bits(layers), "layers": layers}
+    _write_pair(_paths(path), {key: value.detach().contiguous().cpu() for key, value in tensors.items()}, meta)
+
+
+def load_exported(path):
+    """The inference DiT of a packed checkpoint: IntLinear layers, every other parameter loaded strictly."""
+    weights_path, meta_path = _paths(path)
+    for file in (meta_path, weights_path):
+        if not file.exists():
+            raise FileNotFoundError(f"no such file: {file}")
+    meta = _read_meta(meta_path)
+    state = _read_tensors(weights_path, meta)
+    try:
+        model = DiT(DiTConfig(**meta["model"]))
+    except TypeError as error:
+        raise CheckpointError(f"{meta_path} holds no valid DiT config: {error}") from None
+    for name, layer in meta["layers"].items():
+        _install_layer(model, name, layer, state, meta_path)
+    return load_state_strict(model, state, weights_path).eval()
+
+
+def _export_layer(name, module, tensors):
+    """Add one quantized linear's tensors; return its JSON entry (None when stored as a float linear)."""
+    if isinstance(module, QuantLinear):
+        if is_full_precision(module.w_bits):
+            if not is_full_precision(module.a_bits):
+                raise ValueError(f"{name}: w_bits {module.w_bits} with a_bits {module.a_bits} has no integer form; "
+                                 "export quantizes weights whenever it quantizes inputs")
+            tensors[name + ".weight"] = _float_weight(module)
+            if module.bias is not None:
+                tensors[name + ".bias"] = module.bias
+            return None
+        module = IntLinear.from_quant_linear(module)
+    quantized = module.quantized_weight()
+    tensors[name + ".weight_packed"] = pack(quantized.codes, quantized.bits)
+    tensors[name + ".weight_scale"] = _compact_scale(name, quantized.scale)
+    if quantized.zero_point is not None:
+        tensors[name + ".weight_zero_point"] = quantized.zero_point.half()  # integers within +-128: exact
+    for key, value in module.state_dict().items():
+        if not key.startswith(("weight_", "input_transform.block")):
+            tensors[f"{name}.{key}"] = value
+    return {"in_features": module.in_features, "out_features": module.out_features, "w_bits": module.w_bits,
+            "a_bits": module.a_bits, "symmetric": module.symmetric, "group_size": module.group_size,
+            "bias": module.bias is not None, "static_act_scale": module.act_scale is not None,
+            "input_transform": _describe(name, module.input_transform, _TRANSFORMS, "input transform"),
+            "branch": _describe(name, module.branch, _BRANCHES, "branch")}
+
+
+def _float_weight(layer):
+    """The weight of the plain linear a QuantLinear with both quantizers off computes.
+
+    y = T(x) (W + D)^T with D = branch.dense() and T linear, T(x) = x A, A = T(I): so W' = (W + D) A^T.
+    """
+    with torch.no_grad():
+        weight = layer.weight.detach()
+        if layer.branch is not None:
+            weight = weight + layer.branch.dense().to(weight.dtype)
+        if layer.input_transform is not None:
+            identity = torch.eye(layer.in_features, dtype=weight.dtype, device=weight.device)
+            weight = weight @ layer.input_transform(identity).T
+    return weight
+
+
+def _compact_scale(name, scale):
+    """fp16 scales (relative rounding <= 2^-11), or float32 where a scale falls outside fp16's normal range."""
+    nonzero = scale[scale != 0]
+    if nonzero.numel() and (nonzero.min() < _FP16_NORMAL[0] or nonzero.max() > _FP16_NORMAL[1]):
+        return scale.float()
+    return scale.half()
+
+
+def _describe(name, module, kinds, what):
+    if module is None:
+        return None
+    for kind, (cls, describe, _) in kinds.items():
+        if type(module) is cls:
+            return {"type": kind, **describe(module)}
+    raise ValueError(f"{name}: cannot export {what} {type(module).__name__}; known: {', '.join(kinds)}")
+
+
+def _bits(layers):
+    return {name: {"w_bits": layer["w_bits"], "a_bits": layer["a_bits"]} for name, layer in sorted(layers.items())}
+
+
+def _paths(path):
+    """(`.safetensors`, `.json`) paths of an export, given with or without either suffix."""
+    path = Path(path)
+    if path.suffix in (".json", ".safetensors"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def _write_pair(paths, tensors, meta):
+    """Both files to temporary names, then renamed: the JSON (with the weights' checksum) goes last."""
+    weights_path, meta_path = paths
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = [file.with_name(file.name + ".tmp") for file in paths]
+    try:
+        data = save_safetensors(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        meta["safetensors_bytes"], meta["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        temporary[0].write_bytes(data)
+        temporary[1].write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary[0], weights_path)
+        os.replace(temporary[1], meta_path)
+    finally:
+        for file in temporary:
+            file.unlink(missing_ok=True)
+
+
+def _read_meta(meta_path):
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not a TreeQ packed export (format {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')!r}; "
+                              f"this TreeQ reads version {FORMAT_VERSION}")
+    missing = [key for key in ("model", "bits", "layers", "safetensors_bytes", "sha256") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}")
+    if meta["bits"] != _bits(meta["layers"]):
+        raise CheckpointError(f"{meta_path}: its bit configuration disagrees with its layer settings")
+    return meta
+
+
+def _read_tensors(weights_path, meta):
+    """The safetensors dict, after checking the file is exactly the one the JSON was written with."""
+    data = weights_path.read_bytes()
+    if len(data) != meta["safetensors_bytes"]:
+        raise CheckpointError(f"{weights_path} has {len(data)} bytes, its export recorded "
+                              f"{meta['safetensors_bytes']}: truncated or from another export")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"{weights_path} does not match the checksum its export recorded: corrupt")
+    try:
+        return load_safetensors(data)
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+
+
+def _install_layer(model, name, layer, state, source):
+    """Swap an IntLinear for the linear at `name` and turn its stored tensors into its buffers."""
+    try:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        getattr(parent, child)
+        module = IntLinear(layer["in_features"], layer["out_features"], w_bits=layer["w_bits"], a_bits=layer["a_bits"],
+                           bias=layer["bias"], symmetric=layer["symmetric"], group_size=layer["group_size"],
+                           static_act_scale=layer["static_act_scale"],
+                           input_transform=_rebuild(layer["input_transform"], _TRANSFORMS, layer),
+                           branch=_rebuild(layer["branch"], _BRANCHES, layer))
+        numel = layer["in_features"] * layer["out_features"]
+        codes = unpack(state.pop(name + ".weight_packed"), layer["w_bits"], numel)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: layer {name} cannot be rebuilt: {error}") from None
+    if codes.numel() and (codes.min() < code_range(layer["w_bits"], layer["symmetric"])[0]):
+        raise CheckpointError(f"{source}: layer {name} holds codes outside its {layer['w_bits']}-bit range")
+    state[name + ".weight_codes"] = codes.view(layer["out_features"], layer["in_features"])
+    transform = module.input_transform
+    if isinstance(transform, HadamardTransform) and transform.block.shape[0] != layer["input_transform"]["block_size"]:
+        raise CheckpointError(f"{source}: layer {name} was rotated with Hadamard blocks of "
+                              f"{layer['input_transform']['block_size']}, this TreeQ builds {transform.block.shape[0]}")
+    setattr(parent, child, module)
+
+
+def _rebuild(spec, kinds, layer):
+    if spec is None:
+        return None
+    if spec.get("type") not in kinds:
+        raise ValueError(f"unknown kind {spec.get('type')!r}; known: {', '.join(kinds)}")
+    return kinds[spec["type"]][2](spec, layer)

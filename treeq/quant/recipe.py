@@ -1,0 +1,59 @@
+"""A quantization run folder: the recipe that rebuilds a fake-quant model, or a packed export.
+
+`treeq quantize --out DIR` writes DIR/config.json (model, method, options, calibration
+settings) and DIR/bits.json (the bit configuration). Rebuilding from them is
+deterministic: the calibration set is seeded and cached. A folder written by
+`treeq export` holds packed integer weights instead and loads as the integer model.
+"""
+import json
+import os
+from pathlib import Path
+
+from ..bits import load_config, preset_config, save_config
+from ..models.load import load
+from .apply import quantize
+from .calibration import load_or_collect
+
+CALIBRATED_METHODS = ("smooth", "gptq")
+PACKED_MARKER = "packed.json"
+
+
+def resolve_config(model, config):
+    """A preset name (W4A4, ...) or a path to a bit-configuration JSON file, as a mapping."""
+    if Path(config).suffix == ".json" or Path(config).exists():
+        return load_config(config)
+    return preset_config(model, config)
+
+
+def build(model_spec, config, method, options=None, calibration_options=None):
+    """(fp_model, quantized_model) from a model spec, a preset or bits file, and a method."""
+    model = load(model_spec)
+    bits = resolve_config(model, config) if isinstance(config, str) else config
+    calibration = None
+    if method in CALIBRATED_METHODS:
+        calibration = load_or_collect(model, **(calibration_options or {}))
+    return model, quantize(model, bits, method=method, calibration=calibration, **(options or {}))
+
+
+def save_recipe(out, model_spec, bits, method, options, calibration_options):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(bits, out / "bits.json")
+    recipe = {"model": str(model_spec), "method": method, "options": options,
+              "calibration": calibration_options if method in CALIBRATED_METHODS else None}
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(recipe, indent=2, sort_keys=True))
+    os.replace(tmp, out / "config.json")
+
+
+def load_quantized(folder):
+    """The quantized model in `folder`: integer model for a packed export, else rebuilt fake-quant."""
+    folder = Path(folder)
+    if (folder / PACKED_MARKER).exists():
+        from .export import load_exported
+        return load_exported(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} holds no quantization run (config.json) or packed export ({PACKED_MARKER})")
+    recipe = json.loads((folder / "config.json").read_text())
+    return build(recipe["model"], load_config(folder / "bits.json"), recipe["method"],
+                 recipe["options"], recipe["calibration"])[1]
