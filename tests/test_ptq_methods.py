@@ -29,10 +29,13 @@ def relative_error(reference, approximation):
     return ((reference - approximation).norm() / reference.norm()).item()
 
 
-def outlier_inputs(tokens=256, features=64):
-    x = torch.randn(tokens, features)
-    x[:, [3, 17, 40]] *= 40
-    return x
+def outlier_layer(tokens=256, features=64):
+    """Inputs with one channel 20x larger, and a linear whose weights make every channel matter equally."""
+    linear, x = nn.Linear(features, 32), torch.randn(tokens, features)
+    x[:, 3] *= 20
+    with torch.no_grad():
+        linear.weight[:, 3] /= 20
+    return linear, x
 
 
 def quantized_output(linear, x, w_bits, a_bits, prepare=None):
@@ -57,16 +60,16 @@ def test_hadamard_is_orthonormal_and_block_diagonal():
 
 
 def test_rotation_keeps_the_float_output_and_lowers_w4a4_error():
-    linear, x = nn.Linear(64, 32), outlier_inputs()
+    linear, x = outlier_layer()
     reference = linear(x).detach()
     assert torch.allclose(quantized_output(linear, x, 32, 32, rotate_linear_), reference, atol=1e-4)
     plain = relative_error(reference, quantized_output(linear, x, 4, 4))
     rotated = relative_error(reference, quantized_output(linear, x, 4, 4, rotate_linear_))
-    assert rotated < 0.5 * plain
+    assert rotated < 0.7 * plain
 
 
 def test_smoothing_keeps_the_float_output_and_lowers_error_with_outliers():
-    linear, x = nn.Linear(64, 32), outlier_inputs()
+    linear, x = outlier_layer()
     reference = linear(x).detach()
     statistic = InputAbsMax()
     statistic.add(x[:128])

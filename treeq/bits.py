@@ -75,7 +75,7 @@ def validate_config(config, model):
     unknown = sorted(set(config) - set(layers))
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
-        raise ValueError(f"config names layers this model does not have: {shown}; it may be a config for "
+        raise ValueError(f"unknown layer names: {shown}; it may be a config for "
                          f"another model (this one has {len(layers)} quantizable layers, {layers[0]} .. {layers[-1]})")
 
 

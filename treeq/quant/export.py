@@ -20,7 +20,7 @@ from ..models.dit import DiT, DiTConfig
 from .integer import IntLinear
 from .linear import QuantLinear
 from .pack import pack, unpack
-from .quantizers import code_range, is_full_precision
+from .quantizers import is_full_precision
 from .rotation import HadamardTransform
 from .smooth import SmoothTransform
 
@@ -42,18 +42,22 @@ _BRANCHES = {
 }
 
 
-def export(model, path):
+def export(model, path, *, scale_dtype=torch.float16):
     """Write the packed checkpoint of a quantized DiT (QuantLinear or IntLinear layers) to `path`.{safetensors,json}.
 
+    scale_dtype: float16 halves the scale bytes (it matters for group-wise weights) at a relative
+    rounding of <= 2^-11 per scale; float32 reproduces the fake-quantized model to float rounding.
     A QuantLinear with both quantizers off is stored as the plain float linear it computes. Both files
     are written under temporary names and renamed into place, so a failure leaves no half-written pair.
     """
+    if scale_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype!r}")
     if not isinstance(getattr(model, "config", None), DiTConfig):
         raise ValueError("export needs a DiT (a model with a DiTConfig `config`)")
     quantized = {name: module for name, module in model.named_modules() if isinstance(module, (QuantLinear, IntLinear))}
     tensors, layers = {}, {}
     for name, module in quantized.items():
-        entry = _export_layer(name, module, tensors)
+        entry = _export_layer(name, module, tensors, scale_dtype)
         if entry is not None:
             layers[name] = entry
     owned = tuple(name + "." for name in quantized)
@@ -82,7 +86,7 @@ def load_exported(path):
     return load_state_strict(model, state, weights_path).eval()
 
 
-def _export_layer(name, module, tensors):
+def _export_layer(name, module, tensors, scale_dtype):
     """Add one quantized linear's tensors; return its JSON entry (None when stored as a float linear)."""
     if isinstance(module, QuantLinear):
         if is_full_precision(module.w_bits):
@@ -96,11 +100,11 @@ def _export_layer(name, module, tensors):
         module = IntLinear.from_quant_linear(module)
     quantized = module.quantized_weight()
     tensors[name + ".weight_packed"] = pack(quantized.codes, quantized.bits)
-    tensors[name + ".weight_scale"] = _compact_scale(name, quantized.scale)
+    tensors[name + ".weight_scale"] = _scale(quantized.scale, scale_dtype)
     if quantized.zero_point is not None:
         tensors[name + ".weight_zero_point"] = quantized.zero_point.half()  # integers within +-128: exact
     for key, value in module.state_dict().items():
-        if not key.startswith(("weight_", "input_transform.block")):
+        if not key.startswith("weight_"):
             tensors[f"{name}.{key}"] = value
     return {"in_features": module.in_features, "out_features": module.out_features, "w_bits": module.w_bits,
             "a_bits": module.a_bits, "symmetric": module.symmetric, "group_size": module.group_size,
@@ -124,12 +128,12 @@ def _float_weight(layer):
     return weight
 
 
-def _compact_scale(name, scale):
-    """fp16 scales (relative rounding <= 2^-11), or float32 where a scale falls outside fp16's normal range."""
+def _scale(scale, dtype):
+    """Scales in `dtype`; float32 for a layer whose scales leave fp16's normal range (tiny weights)."""
     nonzero = scale[scale != 0]
     if nonzero.numel() and (nonzero.min() < _FP16_NORMAL[0] or nonzero.max() > _FP16_NORMAL[1]):
         return scale.float()
-    return scale.half()
+    return scale.to(dtype)
 
 
 def _describe(name, module, kinds, what):
@@ -207,7 +211,9 @@ def _install_layer(model, name, layer, state, source):
     try:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        getattr(parent, child)
+        original = getattr(parent, child)
+        if (original.in_features, original.out_features) != (layer["in_features"], layer["out_features"]):
+            raise ValueError(f"the model's linear is {original.in_features} -> {original.out_features}")
         module = IntLinear(layer["in_features"], layer["out_features"], w_bits=layer["w_bits"], a_bits=layer["a_bits"],
                            bias=layer["bias"], symmetric=layer["symmetric"], group_size=layer["group_size"],
                            static_act_scale=layer["static_act_scale"],
@@ -217,8 +223,6 @@ def _install_layer(model, name, layer, state, source):
         codes = unpack(state.pop(name + ".weight_packed"), layer["w_bits"], numel)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: layer {name} cannot be rebuilt: {error}") from None
-    if codes.numel() and (codes.min() < code_range(layer["w_bits"], layer["symmetric"])[0]):
-        raise CheckpointError(f"{source}: layer {name} holds codes outside its {layer['w_bits']}-bit range")
     state[name + ".weight_codes"] = codes.view(layer["out_features"], layer["in_features"])
     transform = module.input_transform
     if isinstance(transform, HadamardTransform) and transform.block.shape[0] != layer["input_transform"]["block_size"]:

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .quantizers import (
-    CLIP_METHODS,
     check_bits,
+    check_weight_options,
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
@@ -38,12 +38,7 @@ class QuantLinear(nn.Linear):
                  group_size=None, clip="minmax", act_scale=None, input_transform=None, branch=None,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        if clip not in CLIP_METHODS:
-            raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1
-                                       or in_features % group_size):
-            raise ValueError(f"group_size must be None or a positive divisor of in_features {in_features}, "
-                             f"got {group_size!r}")
+        check_weight_options(in_features, group_size=group_size, clip=clip)
         self.w_bits = check_bits(w_bits)
         self.a_bits = check_bits(a_bits)
         self.symmetric = symmetric
@@ -79,6 +74,7 @@ class QuantLinear(nn.Linear):
         self.a_bits = check_bits(a_bits)
 
     def clear_cache(self):
+        """Drop the fake-quantized weights cached per w_bits (they are recomputed on demand)."""
         self._cache = {}
         self._cache_stamp = None
 

@@ -60,6 +60,18 @@ def code_range(bits, symmetric):
     return (1 - half, half - 1) if symmetric else (-half, half - 1)
 
 
+def check_weight_options(in_features, *, group_size=None, clip="minmax"):
+    """Raise ValueError unless group_size (None or a divisor of in_features) and clip are valid."""
+    if clip not in CLIP_METHODS:
+        raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    if in_features % group_size:
+        raise ValueError(f"in_features {in_features} is not divisible by group_size {group_size}")
+
+
 def quantize_weight(weight, bits, *, symmetric=True, group_size=None, clip="minmax"):
     """Round a (out_features, in_features) weight to integer codes at `bits` (2..8)."""
     scale, zero_point = weight_quant_params(weight, bits, symmetric=symmetric, group_size=group_size, clip=clip)
@@ -82,8 +94,9 @@ def weight_quant_params(weight, bits, *, symmetric=True, group_size=None, clip="
     clip="mse" searches MSE_CLIP_RATIOS of the min-max range per channel or group and keeps the
     ratio with the lowest reconstruction error; ratio 1.0 is among them, so it never loses to min-max.
     """
-    if clip not in CLIP_METHODS:
-        raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    check_weight_options(weight.shape[1], group_size=group_size, clip=clip)
     grouped = _group(weight.detach().float(), group_size)
     low, high = grouped.amin(-1), grouped.amax(-1)
     if clip == "minmax":
@@ -127,15 +140,7 @@ def quantize_activation_per_token(x, bits):
 
 def _group(weight, group_size):
     """(out, in) -> (out, n_groups, group_size); one group of all inputs when group_size is None."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if group_size is None:
-        return weight.unsqueeze(1)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-    if weight.shape[1] % group_size:
-        raise ValueError(f"in_features {weight.shape[1]} is not divisible by group_size {group_size}")
-    return weight.unflatten(1, (-1, group_size))
+    return weight.unsqueeze(1) if group_size is None else weight.unflatten(1, (-1, group_size))
 
 
 def _affine_params(low, high, bits, symmetric):

@@ -25,6 +25,8 @@ class InputAbsMax:
 
 def smoothing_scales(input_absmax, weight, alpha=0.5):
     """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) for each input channel j."""
+    if input_absmax is None:
+        raise ValueError("no calibration inputs reached this layer")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if input_absmax.shape != (weight.shape[1],):

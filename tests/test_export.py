@@ -1,0 +1,180 @@
+"""Packed export: the loaded integer model reproduces the fake-quantized one, and bad files fail clearly.
+
+Tolerances (relative error of the whole tiny DiT's output, Frobenius norm): with float32 scales the
+integer path is the fake-quant math up to float rounding (observed <= 1e-4, a rare activation code
+flipping at a rounding boundary); fp16 scales add a relative rounding of <= 2^-11 per scale, which
+propagates to about 1e-3 at the output (observed <= 3e-3 at W3A3).
+"""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from treeq.bits import quantizable_layers, uniform_config
+from treeq.branches.lowrank import LowRankBranch
+from treeq.models.checkpoint import CheckpointError
+from treeq.quant.apply import quantization_map, quantize, set_bits_
+from treeq.quant.export import export, load_exported
+from treeq.quant.integer import IntLinear
+
+FP32_SCALE_TOLERANCE = 1e-4
+FP16_SCALE_TOLERANCE = 1e-2
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(3, 1, 32, 32, generator=generator), torch.tensor([0.0, 500.0, 999.0]), torch.tensor([0, 3, 10])
+
+
+def _relative_error(reference_model, model):
+    with torch.no_grad():
+        reference, out = reference_model(*_inputs()), model(*_inputs())
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+def _mixed_config(model):
+    """Layers cycling through W3A3, W4A4, W8A8 and full precision (absent)."""
+    cycle = [(3, 3), (4, 4), (8, 8), None]
+    config = {}
+    for index, name in enumerate(quantizable_layers(model)):
+        bits = cycle[index % len(cycle)]
+        if bits is not None:
+            config[name] = {"w_bits": bits[0], "a_bits": bits[1]}
+    return config
+
+
+@pytest.mark.parametrize("preset, method", [("W4A4", "rtn"), ("W8A8", "hadamard"), ("mixed", "lowrank")])
+def test_round_trip_runs_integer_layers(tiny_dit, tmp_path, preset, method):
+    config = _mixed_config(tiny_dit) if preset == "mixed" else uniform_config(tiny_dit, *(int(preset[1]),) * 2)
+    quantized = quantize(tiny_dit, config, method=method)
+    export(quantized, tmp_path / "model")
+    loaded = load_exported(tmp_path / "model")
+    assert all(isinstance(loaded.get_submodule(name), IntLinear) for name in config)
+    assert type(loaded.final_layer.linear) is nn.Linear
+    assert json.loads((tmp_path / "model.json").read_text())["bits"] == quantization_map(quantized) == config
+    assert _relative_error(quantized, loaded) < FP16_SCALE_TOLERANCE
+
+
+def test_float32_scales_reproduce_fake_quant(tiny_dit, tmp_path):
+    quantized = quantize(tiny_dit, _mixed_config(tiny_dit), method="hadamard")
+    export(quantized, tmp_path / "model", scale_dtype=torch.float32)
+    assert _relative_error(quantized, load_exported(tmp_path / "model.safetensors")) < FP32_SCALE_TOLERANCE
+
+
+def test_asymmetric_group_wise_and_smoothed(tiny_dit, tmp_path):
+    calibration = (*_inputs()[:2], torch.tensor([1, 2, 10]))
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 8), method="smooth", calibration=calibration,
+                         symmetric=False, group_size=16)
+    export(quantized, tmp_path / "model", scale_dtype=torch.float32)
+    assert _relative_error(quantized, load_exported(tmp_path / "model")) < FP32_SCALE_TOLERANCE
+
+
+def test_layers_switched_off_are_stored_as_the_float_linear_they_compute(tiny_dit, tmp_path):
+    """A search may switch a rotated, branched layer to full precision: export folds T and the branch back in."""
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4), method="hadamard")
+    layer = quantized.blocks[0].attn.qkv
+    layer.attach_branch(LowRankBranch.from_weight(layer.weight, 4))
+    config = uniform_config(tiny_dit, 4, 4)
+    del config["blocks.0.attn.qkv"]
+    set_bits_(quantized, config)
+    export(quantized, tmp_path / "model")
+    loaded = load_exported(tmp_path / "model")
+    assert type(loaded.blocks[0].attn.qkv) is nn.Linear
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.blocks[0].attn.qkv(x), layer(x), atol=1e-5)
+    assert _relative_error(quantized, loaded) < FP16_SCALE_TOLERANCE
+
+
+def test_reexport_of_a_loaded_model_is_identical(tiny_dit, tmp_path):
+    export(quantize(tiny_dit, _mixed_config(tiny_dit), method="lowrank"), tmp_path / "first")
+    export(load_exported(tmp_path / "first"), tmp_path / "second")
+    first, second = load_file(tmp_path / "first.safetensors"), load_file(tmp_path / "second.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_packed_linears_are_a_fraction_of_fp32(tiny_dit, tmp_path):
+    config = uniform_config(tiny_dit, 4, 4)
+    export(quantize(tiny_dit, config), tmp_path / "model")
+    stored = load_file(tmp_path / "model.safetensors")
+    packed = sum(value.numel() * value.element_size() for key, value in stored.items()
+                 if key.rpartition(".")[0] in config)
+    fp32 = sum(parameter.numel() * 4 for name in config for parameter in tiny_dit.get_submodule(name).parameters())
+    assert stored["blocks.0.attn.qkv.weight_packed"].dtype == torch.uint8
+    assert packed / fp32 < 0.16  # 4/32 of the weights, plus fp16 scales and the fp32 biases
+
+
+def test_missing_files(tiny_dit, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        load_exported(tmp_path / "model")
+    export(quantize(tiny_dit, uniform_config(tiny_dit, 8, 8)), tmp_path / "model")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_exported(tmp_path / "model")
+
+
+@pytest.fixture
+def exported(tiny_dit, tmp_path):
+    export(quantize(tiny_dit, uniform_config(tiny_dit, 4, 4)), tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_truncated_weights(exported):
+    weights = exported.with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_exported(exported)
+
+
+def test_corrupt_weights(exported):
+    weights = exported.with_suffix(".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_exported(exported)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: meta.update(format_version=2), "format version 2"),
+    (lambda meta: meta.update(format="other"), "not a TreeQ packed export"),
+    (lambda meta: meta["bits"].popitem(), "disagrees"),
+    (lambda meta: meta["model"].update(hidden_size=32), "cannot be rebuilt"),
+    (lambda meta: [meta[key]["blocks.0.attn.qkv"].update(w_bits=3) for key in ("bits", "layers")], "cannot be rebuilt"),
+])
+def test_bad_metadata(exported, change, message):
+    path = exported.with_suffix(".json")
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        load_exported(exported)
+
+
+def test_truncated_metadata(exported):
+    path = exported.with_suffix(".json")
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_exported(exported)
+
+
+def test_failed_write_leaves_the_previous_pair(exported, tiny_dit, monkeypatch):
+    before = {suffix: exported.with_suffix(suffix).read_bytes() for suffix in (".json", ".safetensors")}
+    monkeypatch.setattr("treeq.quant.export.save_safetensors", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        export(quantize(tiny_dit, uniform_config(tiny_dit, 8, 8)), exported)
+    assert {suffix: exported.with_suffix(suffix).read_bytes() for suffix in before} == before
+    assert sorted(path.name for path in exported.parent.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_weight_only_full_precision_with_quantized_inputs_is_refused(tiny_dit, tmp_path):
+    quantized = quantize(tiny_dit, {"blocks.0.mlp.fc1": {"w_bits": 16, "a_bits": 8}})
+    with pytest.raises(ValueError, match="no integer form"):
+        export(quantized, tmp_path / "model")
+
+
+def test_export_needs_a_dit(tmp_path):
+    with pytest.raises(ValueError, match="DiTConfig"):
+        export(nn.Linear(4, 4), tmp_path / "model")

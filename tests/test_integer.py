@@ -1,0 +1,101 @@
+"""IntLinear runs the same integer math as QuantLinear's fake quantization, so outputs agree to float
+rounding: relative error (Frobenius norm) below TOLERANCE, observed around 2e-7."""
+import pytest
+import torch
+import torch.nn as nn
+
+from treeq.branches.lowrank import LowRankBranch
+from treeq.quant.integer import IntLinear, int_matmul
+from treeq.quant.linear import QuantLinear
+from treeq.quant.quantizers import quantize_activation_per_token
+from treeq.quant.rotation import rotate_linear_
+from treeq.quant.smooth import smooth_linear_
+
+TOLERANCE = 1e-5
+
+
+def _quant_linear(w_bits, a_bits, in_features=64, out_features=40, **options):
+    torch.manual_seed(0)
+    return QuantLinear.from_linear(nn.Linear(in_features, out_features), w_bits, a_bits, **options)
+
+
+def _relative_error(layer, x):
+    with torch.no_grad():
+        reference = layer(x)
+        out = IntLinear.from_quant_linear(layer)(x)
+    assert out.shape == reference.shape and out.dtype == reference.dtype
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+def _tokens(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 4), (3, 3), (2, 2), (4, 8)])
+def test_matches_fake_quant_on_token_batches(w_bits, a_bits):
+    assert _relative_error(_quant_linear(w_bits, a_bits), _tokens(3, 7, 64)) < TOLERANCE
+
+
+@pytest.mark.parametrize("symmetric, group_size", [(False, None), (True, 16), (False, 16)])
+def test_zero_points_and_groups(symmetric, group_size):
+    layer = _quant_linear(4, 4, symmetric=symmetric, group_size=group_size)
+    assert _relative_error(layer, _tokens(2, 5, 64)) < TOLERANCE
+
+
+def test_hadamard_transform_and_lowrank_branch():
+    layer = rotate_linear_(_quant_linear(4, 4))
+    layer.attach_branch(LowRankBranch.from_weight(layer.weight, 4))
+    assert _relative_error(layer, _tokens(2, 9, 64)) < TOLERANCE
+
+
+def test_smoothing_transform():
+    layer = smooth_linear_(_quant_linear(8, 8), _tokens(64).abs() + 0.5)
+    assert _relative_error(layer, _tokens(4, 64)) < TOLERANCE
+
+
+def test_static_activation_scale_clips_like_fake_quant():
+    layer = _quant_linear(4, 4, act_scale=0.1)  # inputs of std 1 saturate the 4-bit range at +-0.7
+    assert _relative_error(layer, _tokens(6, 64)) < TOLERANCE
+
+
+def test_float_activations_use_the_dequantized_weight():
+    layer = _quant_linear(4, 16)
+    assert _relative_error(layer, _tokens(3, 64)) < TOLERANCE
+
+
+def test_input_codes_are_the_quantizer_codes():
+    x = _tokens(5, 64) * 3
+    layer = IntLinear(64, 8, w_bits=4, a_bits=4)
+    codes, scale = layer.quantize_input(x)
+    expected_codes, expected_scale = quantize_activation_per_token(x, 4)
+    assert codes.dtype == torch.int8
+    assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
+
+
+@pytest.mark.parametrize("m, k, n", [(3, 13, 5), (17, 8, 8), (20, 24, 9)])
+def test_int_matmul_pads_any_shape_exactly(m, k, n):
+    generator = torch.Generator().manual_seed(m)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=generator)
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=generator)
+    out = int_matmul(a, b)
+    assert out.dtype == torch.int32 and torch.equal(out.long(), a.long() @ b.long())
+
+
+def test_state_dict_holds_int8_codes():
+    layer = IntLinear.from_quant_linear(_quant_linear(3, 3, group_size=16))
+    state = layer.state_dict()
+    assert state["weight_codes"].dtype == torch.int8 and state["weight_codes"].abs().max() <= 3
+    assert state["weight_scale"].shape == (40, 4)
+    assert "weight" not in state
+
+
+def test_full_precision_weight_is_refused():
+    with pytest.raises(ValueError, match="full precision"):
+        IntLinear.from_quant_linear(_quant_linear(32, 8))
+    with pytest.raises(ValueError, match="w_bits must be in"):
+        IntLinear(8, 8, w_bits=16, a_bits=8)
+
+
+def test_bad_group_size():
+    with pytest.raises(ValueError, match="group_size"):
+        IntLinear(64, 8, w_bits=4, a_bits=4, group_size=24)
