@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from treeq.bench.kernels import bench_kernels
 from treeq.branches.lowrank import LowRankBranch
 from treeq.quant.integer import IntLinear, int_matmul
 from treeq.quant.linear import QuantLinear
@@ -36,6 +37,13 @@ def test_matches_fake_quant_on_token_batches(w_bits, a_bits):
     assert _relative_error(_quant_linear(w_bits, a_bits), _tokens(3, 7, 64)) < TOLERANCE
 
 
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_shapes_the_gemm_pads(tokens):
+    """One token (adaLN's one row per image) and widths that are not multiples of 8."""
+    layer = _quant_linear(4, 4, in_features=20, out_features=10, symmetric=False, group_size=10)
+    assert _relative_error(layer, _tokens(tokens, 20)) < TOLERANCE
+
+
 @pytest.mark.parametrize("symmetric, group_size", [(False, None), (True, 16), (False, 16)])
 def test_zero_points_and_groups(symmetric, group_size):
     layer = _quant_linear(4, 4, symmetric=symmetric, group_size=group_size)
@@ -65,6 +73,8 @@ def test_float_activations_use_the_dequantized_weight():
 
 def test_input_codes_are_the_quantizer_codes():
     x = _tokens(5, 64) * 3
+    x[0] = 0.0  # an all-zero token gets the smallest scale and zero codes
+    x[1, 0] = 1e4  # one outlier flattens the rest of its token to zero codes
     layer = IntLinear(64, 8, w_bits=4, a_bits=4)
     codes, scale = layer.quantize_input(x)
     expected_codes, expected_scale = quantize_activation_per_token(x, 4)
@@ -99,3 +109,10 @@ def test_full_precision_weight_is_refused():
 def test_bad_group_size():
     with pytest.raises(ValueError, match="group_size"):
         IntLinear(64, 8, w_bits=4, a_bits=4, group_size=24)
+
+
+def test_bench_kernels_rows():
+    rows = bench_kernels(shapes=(("tiny", 17, 16, 8),), bits=(8, 4), repeats=1)
+    assert [row["bits"] for row in rows] == ["W8A8", "W4A4"]
+    assert all(row["speedup_vs_fp32"] > 0 and row["threads"] == torch.get_num_threads() for row in rows)
+    assert rows[1]["size_ratio_vs_fp32"] == (16 * 8 // 2 + 2 * 8) / (4 * 16 * 8)

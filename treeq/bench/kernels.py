@@ -12,26 +12,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.registry import TESTBED, config_for
 from ..quant.integer import IntLinear
 from ..quant.linear import QuantLinear
 from ..quant.pack import packed_size
 
-# (name, rows M, in_features K, out_features N). DiT-MNIST (width 128): 64 images x 64 tokens.
-TESTBED_SHAPES = (
-    ("mnist.qkv", 4096, 128, 384), ("mnist.proj", 4096, 128, 128),
-    ("mnist.fc1", 4096, 128, 512), ("mnist.fc2", 4096, 512, 128),
-)
-# DiT-XL/2 at 256x256: one image is 256 tokens; adaLN runs once per image (M = batch = 1).
-XL_SHAPES = (
-    ("xl.qkv", 256, 1152, 3456), ("xl.proj", 256, 1152, 1152), ("xl.fc1", 256, 1152, 4608),
-    ("xl.fc2", 256, 4608, 1152), ("xl.adaLN", 1, 1152, 6912),
-)
-DEFAULT_SHAPES = TESTBED_SHAPES + XL_SHAPES
+
+def dit_linear_shapes(prefix, config, batch):
+    """(name, rows M, in_features K, out_features N) of a DiT block's linears for `batch` images.
+
+    Token-wise linears see batch x tokens rows; adaLN modulation runs once per image (M = batch).
+    """
+    width, hidden = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
+    tokens = batch * (config.input_size // config.patch_size) ** 2
+    return ((f"{prefix}.qkv", tokens, width, 3 * width), (f"{prefix}.proj", tokens, width, width),
+            (f"{prefix}.fc1", tokens, width, hidden), (f"{prefix}.fc2", tokens, hidden, width),
+            (f"{prefix}.adaLN", batch, width, 6 * width))
+
+
+# The testbed at a training batch of 64 images (64 tokens each); DiT-XL/2 at 256x256, one image of 256 tokens.
+DEFAULT_SHAPES = dit_linear_shapes("testbed", TESTBED, 64) + dit_linear_shapes("xl", config_for("DiT-XL/2"), 1)
 # One timed call of a kernel is repeated until it lasts this long, so millisecond kernels are measurable.
 _MIN_MEASURE_SECONDS = 0.005
 
 
-def bench_kernels(shapes=None, bits=(8, 4), repeats=7, seed=0):
+def bench_kernels(shapes=None, bits=(8, 4), repeats=15, seed=0):
     """One row per (shape, bits): median milliseconds of each kernel, speedups over FP32 and packed size.
 
     Kernels are timed round-robin, `repeats` rounds after a warm-up, so background load hits them

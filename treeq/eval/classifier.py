@@ -18,11 +18,12 @@ from ..models.checkpoint import CheckpointError, _atomic_write, load_state_stric
 WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "assets" / "classifier.safetensors"
 SPATIAL_CHANNELS = 4  # ADM's sFID keeps 7 of Inception's 768 mixed_6 channels; we keep 4 of 64 (4 x 8 x 8 = 256 dims)
 SHIFT = 2             # training augmentation: random translations of up to 2 px each way
+EPOCHS = 15           # about 100 s on one thread
 
 
 class ClassifierOutput(NamedTuple):
     logits: torch.Tensor            # (N, 10)
-    features: torch.Tensor          # (N, 128): pooled penultimate layer, for FID and precision/recall
+    features: torch.Tensor          # (N, 128): the hidden layer before the logits, for FID and precision/recall
     spatial_features: torch.Tensor  # (N, 256): first channels of the 8x8 conv2 map, for sFID
 
 
@@ -35,24 +36,27 @@ def _conv_block(in_channels, out_channels):
 
 
 class DigitClassifier(nn.Module):
-    """conv 32 -> pool -> conv 64 -> pool -> conv 128 -> global mean -> linear 10, on 1x32x32 in [-1, 1]."""
+    """Three conv blocks, each halving the size, then a 128-unit hidden layer and 10 logits."""
 
-    def __init__(self):
+    def __init__(self, dropout=0.3):
         super().__init__()
         self.conv1 = _conv_block(1, 32)
         self.conv2 = _conv_block(32, 64)
         self.conv3 = _conv_block(64, 128)
         self.pool = nn.MaxPool2d(2)
+        # a dense layer over the 4x4 map, not a global mean: where strokes sit tells digits apart
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1:] != (1, 32, 32):
             raise ValueError(f"classifier expects images of shape (N, 1, 32, 32), got {tuple(x.shape)}")
-        h = self.pool(self.conv1(x))               # (N, 32, 16, 16)
-        mid = self.pool(self.conv2(h))             # (N, 64, 8, 8): the sFID map, local stroke structure
-        features = self.conv3(mid).mean((2, 3))    # (N, 128)
+        h = self.pool(self.conv1(x))                   # (N, 32, 16, 16)
+        mid = self.pool(self.conv2(h))                 # (N, 64, 8, 8): the sFID map, local stroke structure
+        features = self.fc(self.pool(self.conv3(mid)))  # (N, 128)
         spatial = mid[:, :SPATIAL_CHANNELS].flatten(1)
-        return ClassifierOutput(self.head(features), features, spatial)
+        return ClassifierOutput(self.head(self.dropout(features)), features, spatial)
 
 
 @torch.no_grad()
@@ -72,8 +76,12 @@ def random_shift(images, generator):
     return torch.stack([p[:, dy:dy + size, dx:dx + size] for p, (dy, dx) in zip(padded, offsets)])
 
 
-def train_classifier(seed=0, epochs=8, batch_size=64, lr=2e-3):
-    """Train on `mnist("train")` with random shifts; AdamW and a one-cycle schedule converge in a few epochs."""
+def train_classifier(seed=0, epochs=EPOCHS, batch_size=64, lr=2e-3):
+    """Train on `mnist("train")` with random shifts, dropout and label smoothing.
+
+    With 4,000 digits the plain recipe landed at 97.0-97.8% held-out across seeds; the dense
+    layer, dropout and label smoothing 0.1 brought two seeds to 98.7%.
+    """
     from ..data import mnist
 
     torch.manual_seed(seed)
@@ -87,7 +95,8 @@ def train_classifier(seed=0, epochs=8, batch_size=64, lr=2e-3):
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for index in order.split(batch_size):
-            loss = nn.functional.cross_entropy(model(random_shift(images[index], generator)).logits, labels[index])
+            logits = model(random_shift(images[index], generator)).logits
+            loss = nn.functional.cross_entropy(logits, labels[index], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -124,10 +133,10 @@ def load_classifier(path=WEIGHTS_PATH):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m treeq.eval.classifier", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--out", type=Path, default=WEIGHTS_PATH)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # stays light beside other work; training takes about two minutes
+    torch.set_num_threads(1)  # stays light beside other work; training takes about 100 s
     classifier = train_classifier(seed=args.seed, epochs=args.epochs)
     accuracy = held_out_accuracy(classifier)
     metadata = {"seed": str(args.seed), "epochs": str(args.epochs), "held_out_accuracy": f"{accuracy:.4f}"}

@@ -1,9 +1,9 @@
 """Packed deployment checkpoints: a quantized DiT written at its real bit-widths, loaded as integer layers.
 
-`export` writes `<path>.safetensors` (each quantized linear's weight codes packed at its own bits,
-fp16 scales, bias, input-transform and branch tensors; every other parameter in its float dtype)
-and `<path>.json` (model config, bit configuration, per-layer quantizer settings, format version,
-checksum). `load_exported` rebuilds the DiT with IntLinear layers that run integer GEMMs.
+`export` writes a folder: `packed.safetensors` (each quantized linear's weight codes packed at its
+own bits, fp16 scales, bias, input-transform and branch tensors; every other parameter in its float
+dtype) and `packed.json` (model config, bit configuration, per-layer quantizer settings, format
+version, checksum). `load_exported` rebuilds the DiT with IntLinear layers that run integer GEMMs.
 """
 import hashlib
 import json
@@ -26,6 +26,7 @@ from .smooth import SmoothTransform
 
 FORMAT = "treeq-packed"
 FORMAT_VERSION = 1
+WEIGHTS_FILE, META_FILE = "packed.safetensors", "packed.json"
 _FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
 
 # How each input transform and branch is described in the JSON and rebuilt (its tensors travel in
@@ -43,7 +44,7 @@ _BRANCHES = {
 
 
 def export(model, path, *, scale_dtype=torch.float16):
-    """Write the packed checkpoint of a quantized DiT (QuantLinear or IntLinear layers) to `path`.{safetensors,json}.
+    """Write the packed checkpoint of a quantized DiT (QuantLinear or IntLinear layers) to the folder `path`.
 
     scale_dtype: float16 halves the scale bytes (it matters for group-wise weights) at a relative
     rounding of <= 2^-11 per scale; float32 reproduces the fake-quantized model to float rounding.
@@ -70,7 +71,7 @@ def export(model, path, *, scale_dtype=torch.float16):
 
 
 def load_exported(path):
-    """The inference DiT of a packed checkpoint: IntLinear layers, every other parameter loaded strictly."""
+    """The inference DiT of a packed export folder (or either of its files): IntLinear layers, the rest strict."""
     weights_path, meta_path = _paths(path)
     for file in (meta_path, weights_path):
         if not file.exists():
@@ -150,11 +151,11 @@ def _bits(layers):
 
 
 def _paths(path):
-    """(`.safetensors`, `.json`) paths of an export, given with or without either suffix."""
-    path = Path(path)
-    if path.suffix in (".json", ".safetensors"):
-        path = path.with_suffix("")
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+    """(weights, metadata) paths of an export folder; a path to either file stands for its folder."""
+    folder = Path(path)
+    if folder.name in (WEIGHTS_FILE, META_FILE):
+        folder = folder.parent
+    return folder / WEIGHTS_FILE, folder / META_FILE
 
 
 def _write_pair(paths, tensors, meta):
@@ -187,6 +188,8 @@ def _read_meta(meta_path):
     missing = [key for key in ("model", "bits", "layers", "safetensors_bytes", "sha256") if key not in meta]
     if missing:
         raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}")
+    if not isinstance(meta["layers"], dict) or not all(isinstance(layer, dict) for layer in meta["layers"].values()):
+        raise CheckpointError(f"{meta_path}: `layers` must map layer names to settings")
     if meta["bits"] != _bits(meta["layers"]):
         raise CheckpointError(f"{meta_path}: its bit configuration disagrees with its layer settings")
     return meta
