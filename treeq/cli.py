@@ -95,12 +95,12 @@ def cmd_info(args):
 
 def cmd_quantize(args):
     from .bits import average_bits
+    from .quant.apply import quantization_map
     from .quant.recipe import build, save_recipe
 
     options = {"rank": args.rank, "group_size": args.group_size, "clip": args.clip, "alpha": args.alpha}
     calibration = {"num_images": args.calibration_images, "num_timesteps": args.calibration_timesteps}
     model, quantized = build(args.model, args.config, args.method, options, calibration)
-    from .quant.apply import quantization_map
     bits = quantization_map(quantized)
     save_recipe(args.out, args.model, bits, args.method, options, calibration)
     print(f"{len(bits)} layers quantized with {args.method}; average bits (BOPs) "

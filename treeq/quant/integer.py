@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizers import QUANTIZED_BITS, QuantizedWeight, check_bits, code_range, dequantize_weight, is_full_precision
+from .quantizers import (QUANTIZED_BITS, QuantizedWeight, check_bits, check_weight_options, code_range,
+                         dequantize_weight, is_full_precision)
 
 # torch._int_mm on CUDA (cuBLAS) wants more than 16 rows and K, N multiples of 8; the CPU kernel
 # takes any shape (checked on torch 2.13). Padding to the CUDA limits everywhere keeps one code path:
@@ -51,9 +52,7 @@ class IntLinear(nn.Module):
         super().__init__()
         if check_bits(w_bits) not in QUANTIZED_BITS:
             raise ValueError(f"IntLinear holds integer weights: w_bits must be in {QUANTIZED_BITS}, got {w_bits}")
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or in_features % group_size):
-            raise ValueError(f"group_size must be None or a positive divisor of in_features {in_features}, "
-                             f"got {group_size!r}")
+        check_weight_options(in_features, group_size=group_size)
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.a_bits = w_bits, check_bits(a_bits)
         self.group_size = group_size

@@ -13,9 +13,9 @@ from ..bits import load_config, preset_config, save_config
 from ..models.load import load
 from .apply import quantize
 from .calibration import load_or_collect
+from .export import META_FILE, load_exported
 
 CALIBRATED_METHODS = ("smooth", "gptq")
-PACKED_MARKER = "packed.json"
 
 
 def resolve_config(model, config):
@@ -49,11 +49,10 @@ def save_recipe(out, model_spec, bits, method, options, calibration_options):
 def load_quantized(folder):
     """The quantized model in `folder`: integer model for a packed export, else rebuilt fake-quant."""
     folder = Path(folder)
-    if (folder / PACKED_MARKER).exists():
-        from .export import load_exported
+    if (folder / META_FILE).exists():
         return load_exported(folder)
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} holds no quantization run (config.json) or packed export ({PACKED_MARKER})")
+        raise FileNotFoundError(f"{folder} holds no quantization run (config.json) or packed export ({META_FILE})")
     recipe = json.loads((folder / "config.json").read_text())
     return build(recipe["model"], load_config(folder / "bits.json"), recipe["method"],
                  recipe["options"], recipe["calibration"])[1]
