@@ -8,11 +8,11 @@ average bit-width.
 """
 import json
 import math
-import os
 from pathlib import Path
 
 import torch.nn as nn
 
+from .io import atomic_write
 from .quant.quantizers import SUPPORTED_BITS, is_full_precision
 
 PRESETS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
@@ -101,11 +101,8 @@ def average_bits(config, model, *, cost="bops"):
 def save_config(config, path):
     """Write sorted, indented JSON holding only the mapping; atomic (temporary file, then rename)."""
     _check_structure(config)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def load_config(path):

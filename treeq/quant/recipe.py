@@ -6,9 +6,9 @@ deterministic: the calibration set is seeded and cached. A folder written by
 `treeq export` holds packed integer weights instead and loads as the integer model.
 """
 import json
-import os
 from pathlib import Path
 
+from ..io import atomic_write
 from ..bits import load_config, preset_config, save_config
 from ..models.load import load
 from .apply import quantize
@@ -41,9 +41,7 @@ def save_recipe(out, model_spec, bits, method, options, calibration_options):
     save_config(bits, out / "bits.json")
     recipe = {"model": str(model_spec), "method": method, "options": options,
               "calibration": calibration_options if method in CALIBRATED_METHODS else None}
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(recipe, indent=2, sort_keys=True))
-    os.replace(tmp, out / "config.json")
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(recipe, indent=2, sort_keys=True)))
 
 
 def load_quantized(folder):
