@@ -18,10 +18,9 @@ def test_vb_term_is_nonnegative_and_zero_for_the_true_posterior():
     assert (wrong > kl).all()
 
 
-def test_lr_schedule_warms_up_then_decays():
-    config = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
-    assert lr_at(0, config) < lr_at(9, config) == 1e-3
-    assert abs(lr_at(100, config) - 1e-4) < 1e-12
+def test_lr_schedule_warms_up_then_stays_constant():
+    config = TrainConfig(steps=100, warmup_steps=10, lr=1e-3)
+    assert lr_at(0, config) < lr_at(9, config) == 1e-3 == lr_at(99, config)
 
 
 def _tiny_run(tmp_path, steps, resume=False):
@@ -31,7 +30,8 @@ def _tiny_run(tmp_path, steps, resume=False):
     return train(config, images, labels, tmp_path, resume=resume, log=lambda *_: None)
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+def test_resume_with_more_steps_reproduces_an_uninterrupted_run(tmp_path):
+    """A 2-step run resumed to 4 steps equals a 4-step run: training can span sessions."""
     straight = _tiny_run(tmp_path / "a", steps=4)
     _tiny_run(tmp_path / "b", steps=2)
     resumed = _tiny_run(tmp_path / "b", steps=4, resume=True)
