@@ -57,3 +57,21 @@ def save_grid_png(images, path, nrow=8):
     grid = image_grid(images, nrow)
     atomic_write(path, lambda tmp: imsave(tmp, grid, format="png"))
     return Path(path)
+
+
+def save_comparison_png(rows, path, per_row=10):
+    """One labelled strip of samples per (title, images) pair, stacked: settings side by side at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.55 + 1.5, len(rows) * 0.75 + 0.2), squeeze=False)
+    for axis, (title, images) in zip(axes[:, 0], rows):
+        axis.imshow(image_grid(images[:per_row], per_row))
+        axis.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    plt.close(figure)
+    return Path(path)
