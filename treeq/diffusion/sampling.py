@@ -28,7 +28,7 @@ def make_scheduler(sampler, clip_sample=False):
 
 @torch.no_grad()
 def denoise_loop(model, noise, labels, *, sampler="dpm++", steps=20, cfg_scale=1.0, null_class=None,
-                 clip_sample=False, guidance_channels=None, generator=None, on_model_input=None):
+                 clip_sample=False, guidance_channels=None, generator=None, on_model_input=None, bar=None):
     """One batch from noise to images. `on_model_input(x, t, y)` sees every model call's inputs
     (calibration collects them there); with guidance these are the doubled cond + null batch."""
     scheduler = make_scheduler(sampler, clip_sample)
@@ -52,6 +52,8 @@ def denoise_loop(model, noise, labels, *, sampler="dpm++", steps=20, cfg_scale=1
         if sampler != "ddpm":
             out = out[:, :channels]  # DDIM and DPM-Solver++ use epsilon only
         x = scheduler.step(out, t, x, generator=generator).prev_sample
+        if bar is not None:
+            bar.update(len(x))
     return x.clamp(-1, 1) if clip_sample else x
 
 
@@ -64,14 +66,16 @@ def sample(model, labels, *, sampler="dpm++", steps=20, cfg_scale=1.0, seed=0, b
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     images = []
-    batches = range(0, len(labels), batch_size)
-    for start in tqdm(batches, desc=f"sample ({sampler}, {steps} steps)", disable=not progress):
-        y = labels[start:start + batch_size].to(device)
-        noise = torch.randn((len(y), *shape), generator=generator, device=device)
-        images.append(denoise_loop(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                   null_class=config.num_classes, clip_sample=clip_sample,
-                                   guidance_channels=guidance_channels, generator=generator,
-                                   on_model_input=on_model_input))
+    # counts image-steps, so the bar moves within a batch too
+    with tqdm(total=len(labels) * steps, desc=f"sample ({sampler}, {steps} steps)", unit="img-step",
+              unit_scale=True, disable=not progress) as bar:
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size].to(device)
+            noise = torch.randn((len(y), *shape), generator=generator, device=device)
+            images.append(denoise_loop(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                       null_class=config.num_classes, clip_sample=clip_sample,
+                                       guidance_channels=guidance_channels, generator=generator,
+                                       on_model_input=on_model_input, bar=bar))
     return torch.cat(images)
 
 
