@@ -8,7 +8,7 @@ from tqdm import tqdm
 from ..bits import preset_config
 from ..experiment import generate, measure
 from ..models.load import load
-from ..quant.apply import quantize
+from ..quant.apply import CALIBRATED_METHODS, quantize
 from ..quant.calibration import load_or_collect
 
 SETTINGS = ("W8A8", "W4A8", "W4A4", "W3A3")
@@ -24,7 +24,7 @@ def bench_ptq(num_samples=500, seed=0, settings=SETTINGS, methods=METHODS):
     model = load("default")
     fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
     rows = [_row("FP32", "-", measure(fp_images, labels))]
-    calibration = load_or_collect(model)
+    calibration = load_or_collect(model) if set(methods) & set(CALIBRATED_METHODS) else None
     for setting, method in tqdm([(s, m) for s in settings for m in methods], desc="bench ptq"):
         quantized = quantize(model, preset_config(model, setting), method=method, calibration=calibration,
                              **OPTIONS.get(method, {}))

@@ -20,6 +20,7 @@ from .smooth import InputAbsMax, smooth_linear_
 METHODS = ("rtn", "hadamard", "smooth", "gptq", "lowrank")
 # Statistic each calibrated method collects on the input of every configured linear.
 _CALIBRATION_STATISTICS = {"smooth": InputAbsMax, "gptq": HessianAccumulator}
+CALIBRATED_METHODS = tuple(_CALIBRATION_STATISTICS)
 
 
 def quantize(model, config, *, method="rtn", calibration=None, inplace=False, symmetric=True, group_size=None,

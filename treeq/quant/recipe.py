@@ -11,11 +11,10 @@ from pathlib import Path
 from ..io import atomic_write
 from ..bits import load_config, preset_config, save_config
 from ..models.load import load
-from .apply import quantize
+from .apply import CALIBRATED_METHODS, quantize
 from .calibration import load_or_collect
 from .export import META_FILE, load_exported
 
-CALIBRATED_METHODS = ("smooth", "gptq")
 
 
 def resolve_config(model, config):
