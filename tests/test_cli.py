@@ -45,6 +45,16 @@ def test_quantize_eval_export_round_trip(tiny_path, tmp_path, capsys):
     assert main(["sample", "--quant", packed, *FAST, "--out", str(tmp_path / "s")]) == 0
 
 
+def test_static_activation_recipe_rebuilds_and_exports(tiny_path, tmp_path):
+    run = str(tmp_path / "static")
+    assert main(["quantize", "--model", tiny_path, "--config", "W8A8", "--activations", "static",
+                 "--calibration-images", "2", "--calibration-timesteps", "2", "--out", run]) == 0
+    assert json.loads((tmp_path / "static" / "config.json").read_text())["activations"] == "static"
+    assert main(["export", "--quant", run, "--out", str(tmp_path / "packed")]) == 0
+    layers = json.loads((tmp_path / "packed" / "packed.json").read_text())["layers"]
+    assert all(layer["static_act_scale"] for layer in layers.values())
+
+
 def test_fp_eval_has_null_psnr(tiny_path, capsys):
     assert main(["eval", "--model", tiny_path, *FAST, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["psnr_vs_fp"] is None

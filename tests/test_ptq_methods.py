@@ -215,3 +215,19 @@ def test_quantize_input_errors(tiny_dit, calibration):
         quantize(tiny_dit, {"blocks.9.attn.qkv": {"w_bits": 4, "a_bits": 4}})
     with pytest.raises(ValueError, match="already quantized"):
         quantize(quantize(tiny_dit, config), config)
+
+
+def test_static_activation_scales_from_calibration(tiny_dit):
+    from treeq.quant.apply import calibrate_activations_
+    generator = torch.Generator().manual_seed(0)
+    calibration = (torch.randn((8, 1, 32, 32), generator=generator), torch.randint(0, 1000, (8,), generator=generator),
+                   torch.arange(8) % 10)
+    model = quantize(tiny_dit, uniform_config(tiny_dit, 8, 8), method="hadamard")
+    calibrate_activations_(model, calibration)
+    layer = model.get_submodule("blocks.0.mlp.fc1")
+    assert layer.act_scale is not None and layer.act_scale.numel() == 1
+    # the scale covers the largest rotated input seen: nothing in calibration is clipped
+    x, t, y = calibration
+    with torch.no_grad():
+        error = (model(x, t, y) - tiny_dit(x, t, y)).norm() / tiny_dit(x, t, y).norm()
+    assert error < 0.05

@@ -100,9 +100,9 @@ def cmd_quantize(args):
 
     options = {"rank": args.rank, "group_size": args.group_size, "clip": args.clip, "alpha": args.alpha}
     calibration = {"num_images": args.calibration_images, "num_timesteps": args.calibration_timesteps}
-    model, quantized = build(args.model, args.config, args.method, options, calibration)
+    model, quantized = build(args.model, args.config, args.method, options, calibration, args.activations)
     bits = quantization_map(quantized)
-    save_recipe(args.out, args.model, bits, args.method, options, calibration)
+    save_recipe(args.out, args.model, bits, args.method, options, calibration, args.activations)
     print(f"{len(bits)} layers quantized with {args.method}; average bits (BOPs) "
           f"{average_bits(bits, model):.2f}; recipe in {args.out}/ (use --quant {args.out})")
     return 0
@@ -185,6 +185,8 @@ def build_parser():
     quant.add_argument("--group-size", type=int, default=None, help="group-wise weight scales (default per channel)")
     quant.add_argument("--clip", choices=("minmax", "mse"), default="minmax")
     quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    quant.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
+                       help="per-token scales at run time, or per-tensor scales from calibration")
     quant.add_argument("--calibration-images", type=int, default=32)
     quant.add_argument("--calibration-timesteps", type=int, default=10)
     quant.set_defaults(func=cmd_quantize)

@@ -13,7 +13,7 @@ from ..bits import quantizable_layers, validate_config
 from ..branches.lowrank import LowRankBranch
 from .gptq import HessianAccumulator, gptq_linear_
 from .linear import QuantLinear
-from .quantizers import is_full_precision
+from .quantizers import code_range, is_full_precision
 from .rotation import rotate_linear_
 from .smooth import InputAbsMax, smooth_linear_
 
@@ -83,6 +83,42 @@ def quantization_map(model):
         if isinstance(layer, QuantLinear) and not (is_full_precision(layer.w_bits) and is_full_precision(layer.a_bits)):
             config[name] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits}
     return config
+
+
+def calibrate_activations_(model, calibration, batch_size=16):
+    """Give every activation-quantized layer a static per-tensor input scale from the calibration set.
+
+    The scale is max |T(x)| over the set divided by the largest code at the layer's current
+    a_bits; after `set_bits_` changes a_bits, call this again (static scales do not follow the bits).
+    """
+    layers = {name: model.get_submodule(name) for name in quantizable_layers(model)}
+    layers = {name: layer for name, layer in layers.items()
+              if isinstance(layer, QuantLinear) and not is_full_precision(layer.a_bits)}
+    for layer in layers.values():
+        layer.act_scale = None  # collect under dynamic scales, as a fresh model runs
+    transformed = {name: _TransformedAbsMax(layer.input_transform) for name, layer in layers.items()}
+    hooks = [layer.register_forward_pre_hook(lambda module, args, stat=transformed[name]: stat.add(args[0]))
+             for name, layer in layers.items()]
+    try:
+        run_calibration(model, calibration, batch_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, layer in layers.items():
+        qmax = code_range(layer.a_bits, symmetric=True)[1]
+        layer.act_scale = (transformed[name].value.max() / qmax).clamp(min=1e-8)
+    return model
+
+
+class _TransformedAbsMax(InputAbsMax):
+    """InputAbsMax of the input after the layer's transform: what the activation quantizer sees."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.transform = transform
+
+    def add(self, x):
+        super().add(x if self.transform is None else self.transform(x))
 
 
 def collect_input_statistics(model, names, calibration, statistic, batch_size=16):

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..io import atomic_write
 from ..bits import load_config, preset_config, save_config
 from ..models.load import load
-from .apply import CALIBRATED_METHODS, quantize
+from .apply import CALIBRATED_METHODS, calibrate_activations_, quantize
 from .calibration import load_or_collect
 from .export import META_FILE, load_exported
 
@@ -24,22 +24,30 @@ def resolve_config(model, config):
     return preset_config(model, config)
 
 
-def build(model_spec, config, method, options=None, calibration_options=None):
-    """(fp_model, quantized_model) from a model spec, a preset or bits file, and a method."""
+def build(model_spec, config, method, options=None, calibration_options=None, activations="dynamic"):
+    """(fp_model, quantized_model) from a model spec, a preset or bits file, and a method.
+
+    activations: "dynamic" (per-token scales at run time) or "static" (per-tensor scales from calibration).
+    """
+    if activations not in ("dynamic", "static"):
+        raise ValueError(f"activations must be 'dynamic' or 'static', got {activations!r}")
     model = load(model_spec)
     bits = resolve_config(model, config) if isinstance(config, str) else config
     calibration = None
-    if method in CALIBRATED_METHODS:
+    if method in CALIBRATED_METHODS or activations == "static":
         calibration = load_or_collect(model, **(calibration_options or {}))
-    return model, quantize(model, bits, method=method, calibration=calibration, **(options or {}))
+    quantized = quantize(model, bits, method=method, calibration=calibration, **(options or {}))
+    if activations == "static":
+        calibrate_activations_(quantized, calibration)
+    return model, quantized
 
 
-def save_recipe(out, model_spec, bits, method, options, calibration_options):
+def save_recipe(out, model_spec, bits, method, options, calibration_options, activations="dynamic"):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(bits, out / "bits.json")
-    recipe = {"model": str(model_spec), "method": method, "options": options,
-              "calibration": calibration_options if method in CALIBRATED_METHODS else None}
+    recipe = {"model": str(model_spec), "method": method, "options": options, "activations": activations,
+              "calibration": calibration_options}
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(recipe, indent=2, sort_keys=True)))
 
 
@@ -52,4 +60,4 @@ def load_quantized(folder):
         raise FileNotFoundError(f"{folder} holds no quantization run (config.json) or packed export ({META_FILE})")
     recipe = json.loads((folder / "config.json").read_text())
     return build(recipe["model"], load_config(folder / "bits.json"), recipe["method"],
-                 recipe["options"], recipe["calibration"])[1]
+                 recipe["options"], recipe["calibration"], recipe.get("activations", "dynamic"))[1]
