@@ -21,7 +21,8 @@ def _load(args):
 
 
 def _sampling_overrides(args):
-    return {k: getattr(args, k) for k in ("sampler", "steps", "cfg_scale") if getattr(args, k, None) is not None}
+    keys = ("sampler", "steps", "cfg_scale", "guidance_channels")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _print(result, as_json):
@@ -144,6 +145,8 @@ def _add_sampling(parser, num_samples):
     parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm"), default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cfg-scale", type=float, default=None)
+    parser.add_argument("--guidance-channels", type=int, default=None,
+                        help="guide only the first N output channels (3 reproduces the official DiT sampler)")
 
 
 def build_parser():

@@ -11,11 +11,11 @@ from .bench.table import format_table
 from .bits import preset_config
 from .eval.export import save_comparison_png, save_grid_png
 from .experiment import generate, measure
+from .io import atomic_write
 from .models.load import load
 from .quant.apply import quantize
-from .quant.calibration import load_or_collect
 
-SETTINGS = [("W8A8", "rtn"), ("W4A8", "rtn"), ("W4A4", "rtn"), ("W4A4", "hadamard")]
+SETTINGS = [("W8A8", "rtn"), ("W4A8", "rtn"), ("W4A4", "rtn"), ("W4A4", "hadamard")]  # no calibration needed
 
 
 def run_demo(out, num_samples=200, seed=0):
@@ -26,9 +26,8 @@ def run_demo(out, num_samples=200, seed=0):
     rows = [{"setting": "FP32", "method": "-", **measure(fp_images, labels)}]
     save_grid_png(fp_images[:100], out / "fp.png", nrow=10)
     strips = [("FP32", fp_images)]
-    calibration = load_or_collect(model)
     for setting, method in SETTINGS:
-        quantized = quantize(model, preset_config(model, setting), method=method, calibration=calibration)
+        quantized = quantize(model, preset_config(model, setting), method=method)
         images, _, _ = generate(quantized, num_samples, seed)
         rows.append({"setting": setting, "method": method, **measure(images, labels, fp_images)})
         save_grid_png(images[:100], out / f"{setting}-{method}.png", nrow=10)
@@ -36,7 +35,7 @@ def run_demo(out, num_samples=200, seed=0):
     save_comparison_png(strips, out / "comparison.png")
     keys = ("setting", "method", "fid", "sfid", "class_accuracy", "psnr_vs_fp")
     table = [{k: row[k] for k in keys} for row in rows]
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(rows, indent=2)))
     print(format_table(table))
     print(f"grids and results.json in {out}/")
     return 0
