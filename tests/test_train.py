@@ -38,3 +38,22 @@ def test_resume_with_more_steps_reproduces_an_uninterrupted_run(tmp_path):
     for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(p, q)
     assert (tmp_path / "b" / "model.safetensors").exists()
+
+
+def test_snr_weighting_caps_low_noise_and_floors_high_noise():
+    """Weight of the epsilon MSE is clamp(SNR, floor, gamma) / SNR; probe it with a constant-error model."""
+    diffusion = GaussianDiffusion()
+    x0 = torch.zeros(3, 1, 4, 4)
+    noise = torch.zeros_like(x0)
+    t = torch.tensor([0, 300, 999])  # SNR ~ 1e4, ~ 1, ~ 4e-5
+
+    def model(x, t, y):  # epsilon off by exactly 1 everywhere; no variance channels
+        return torch.ones_like(x)
+
+    plain = diffusion.training_losses(model, x0, t, None, noise)
+    weighted = diffusion.training_losses(model, x0, t, None, noise, min_snr_gamma=5.0, snr_floor=1.0)
+    snr = diffusion.snr[t]
+    assert torch.allclose(plain, torch.ones(3))
+    expected = torch.clamp(snr, 1.0, 5.0) / snr
+    assert torch.allclose(weighted, expected, rtol=1e-5)
+    assert weighted[0] < 1e-3 and weighted[2] > 1e3

@@ -77,17 +77,22 @@ class GaussianDiffusion:
         nll = nll.mean(dim=tuple(range(1, x0.dim()))) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def training_losses(self, model, x0, t, y, noise=None, min_snr_gamma=None, **model_kwargs):
-        """Per-sample loss: mse(eps) + vb. `min_snr_gamma` weights the MSE by min(SNR, gamma)/SNR."""
+    def training_losses(self, model, x0, t, y, noise=None, min_snr_gamma=None, snr_floor=None, **model_kwargs):
+        """Per-sample loss: mse(eps) + vb, the MSE weighted by clamp(SNR, snr_floor, min_snr_gamma) / SNR.
+
+        In x0 terms that weight is clamp(SNR, floor, gamma): min-SNR (Hang et al., 2023) caps the
+        low-noise end; a floor of 1 is the 'truncated SNR' of Salimans & Ho (2022), which keeps
+        high-noise steps, where the global shape of a sample is decided, from weighing nothing.
+        """
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out = model(xt, t, y, **model_kwargs)
         channels = x0.shape[1]
         eps, var_values = out[:, :channels], out[:, channels:]
         mse = ((noise - eps) ** 2).mean(dim=tuple(range(1, x0.dim())))
-        if min_snr_gamma is not None:
+        if min_snr_gamma is not None or snr_floor is not None:
             snr = self.snr.to(x0.device)[t]
-            mse = mse * torch.clamp(snr, max=min_snr_gamma) / snr
+            mse = mse * torch.clamp(snr, min=snr_floor, max=min_snr_gamma) / snr
         if var_values.shape[1] == 0:
             return mse
         return mse + self.vb_term(x0, xt, t, eps.detach(), var_values)

@@ -32,6 +32,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999     # reached after warm-up: decay_k = min(ema_decay, (1 + k) / (10 + k))
     min_snr_gamma: float = 5.0   # 0 disables min-SNR weighting of the epsilon MSE
+    snr_floor: float = 0.0       # x0-space weight floor ('truncated SNR' at 1); 0 disables
     seed: int = 0
     checkpoint_every: int = 250
     threads: int = 0             # torch threads; 0 keeps torch's default
@@ -80,7 +81,7 @@ def train(config: TrainConfig, images, labels, out_dir, resume=False, log=print)
         log(f"resumed from step {step}")
     (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
     model.train()
-    gamma = config.min_snr_gamma or None
+    gamma, floor = config.min_snr_gamma or None, config.snr_floor or None
     with open(out_dir / "log.jsonl", "a") as log_file, tqdm(total=config.steps, initial=step, desc="train") as bar:
         while step < config.steps:
             started = time.perf_counter()
@@ -91,7 +92,7 @@ def train(config: TrainConfig, images, labels, out_dir, resume=False, log=print)
             drop = (torch.rand(config.batch_size, generator=generator) < model.config.class_dropout_prob).long()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            loss = diffusion.training_losses(model, images[index], t, labels[index], noise, gamma,
+            loss = diffusion.training_losses(model, images[index], t, labels[index], noise, gamma, floor,
                                               force_drop_ids=drop).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
