@@ -21,16 +21,23 @@ OPTIONS = {"lowrank": {"rank": 4}}
 
 def bench_ptq(num_samples=500, seed=0, settings=SETTINGS, methods=METHODS):
     """Rows {setting, method, fid, sfid, class_accuracy, psnr_vs_fp}, the FP model first."""
-    model = load("default")
+    pairs = [(s, m) for s in settings for m in methods]
+    return [_row(setting, method, metrics)
+            for setting, method, _, metrics in compare_settings(load("default"), pairs, num_samples, seed)]
+
+
+def compare_settings(model, pairs, num_samples, seed=0):
+    """Yield (setting, method, images, metrics): ("FP32", "-") first, then each (setting, method)
+    pair quantized from `model`, all sampling the same labels from the same noise."""
     fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
-    rows = [_row("FP32", "-", measure(fp_images, labels))]
-    calibration = load_or_collect(model) if set(methods) & set(CALIBRATED_METHODS) else None
-    for setting, method in tqdm([(s, m) for s in settings for m in methods], desc="bench ptq"):
+    yield "FP32", "-", fp_images, measure(fp_images, labels)
+    calibrated = {method for _, method in pairs} & set(CALIBRATED_METHODS)
+    calibration = load_or_collect(model) if calibrated else None
+    for setting, method in tqdm(pairs, desc="quantize and sample"):
         quantized = quantize(model, preset_config(model, setting), method=method, calibration=calibration,
                              **OPTIONS.get(method, {}))
         images, _, _ = generate(quantized, num_samples, seed, progress=False)
-        rows.append(_row(setting, method, measure(images, labels, fp_images)))
-    return rows
+        yield setting, method, images, measure(images, labels, fp_images)
 
 
 def _row(setting, method, metrics):
