@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from treeq.cli import main
 from treeq.models.checkpoint import save_model
@@ -49,10 +50,34 @@ def test_static_activation_recipe_rebuilds_and_exports(tiny_path, tmp_path):
     run = str(tmp_path / "static")
     assert main(["quantize", "--model", tiny_path, "--config", "W8A8", "--activations", "static",
                  "--calibration-images", "2", "--calibration-timesteps", "2", "--out", run]) == 0
-    assert json.loads((tmp_path / "static" / "config.json").read_text())["activations"] == "static"
+    assert json.loads((tmp_path / "static" / "config.json").read_text())["recipe"]["activations"] == "static"
     assert main(["export", "--quant", run, "--out", str(tmp_path / "packed")]) == 0
     layers = json.loads((tmp_path / "packed" / "packed.json").read_text())["layers"]
-    assert all(layer["static_act_scale"] for layer in layers.values())
+    assert all(layer["activations"] == "static" for layer in layers.values())
+
+
+def test_run_folder_reloads_without_recalibrating(tiny_path, tmp_path, capsys, monkeypatch):
+    """smooth,lowrank,gptq with static scales: reload gives the same model with no calibration or GPTQ."""
+    import treeq.quant.methods as methods
+    import treeq.quant.run as run_module
+    run = str(tmp_path / "svdquant")
+    assert main(["quantize", "--model", tiny_path, "--config", "W4A4", "--method", "smooth,lowrank,gptq",
+                 "--lowrank-rank", "4", "--smooth-alpha", "0.6", "--activations", "static", "--clip", "mse",
+                 "--calibration-images", "2", "--calibration-timesteps", "2", "--steps", "4", "--out", run]) == 0
+    recipe = json.loads((tmp_path / "svdquant" / "config.json").read_text())["recipe"]
+    assert recipe["method_options"] == {"smooth": {"alpha": 0.6}, "lowrank": {"rank": 4},
+                                        "gptq": {"damp": 0.01, "block_size": 128}}
+    assert recipe["sampling"] == {"steps": 4}
+    _, built = run_module.build(run_module.Recipe.from_dict(recipe))
+    monkeypatch.setattr(run_module, "load_or_collect", lambda *a, **k: pytest.fail("recalibrated"))
+    monkeypatch.setattr(methods, "gptq_quantize", lambda *a, **k: pytest.fail("re-ran GPTQ"))
+    loaded = run_module.load_quantized(run)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), built(x, t, y))
+    capsys.readouterr()
+    assert main(["eval", "--quant", run, *FAST, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["psnr_vs_fp"] > 0
 
 
 def test_fp_eval_has_null_psnr(tiny_path, capsys):
@@ -66,12 +91,21 @@ def test_fp_eval_has_null_psnr(tiny_path, capsys):
     (["quantize", "--model", "TINY", "--config", "W5A5", "--out", "OUT"], "W5A5"),
     (["quantize", "--model", "TINY", "--config", "BITS", "--out", "OUT"], "unknown layer"),
     (["sample", "--quant", "EMPTY", "--out", "OUT"], "holds no quantization run"),
+    (["sample", "--model", "TINY", "--num-samples", "-3", "--out", "OUT"], "positive integer, got -3"),
+    (["quantize", "--model", "TINY", "--config", "BROKEN", "--out", "OUT"], "broken.json: not a bit configuration"),
+    (["quantize", "--model", "TINY", "--method", "lowrank,smooth", "--out", "OUT"], "cannot follow lowrank"),
+    (["quantize", "--model", "TINY", "--method", "smooth", "--out", "OUT", "--clip", "p99"], "invalid choice"),
+    (["eval", "--quant", "NOTRUN", "--num-samples", "2"], "not a TreeQ run"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_path, tmp_path, capsys):
     (tmp_path / "bits.json").write_text(json.dumps({"blocks.7.attn.qkv": {"w_bits": 4, "a_bits": 4}}))
+    (tmp_path / "broken.json").write_text('{"blocks.0.attn.qkv": {"w_bits": 4,')
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notrun").mkdir()
+    (tmp_path / "notrun" / "config.json").write_text('{"method": "rtn"}')
     replace = {"TINY": tiny_path, "BITS": str(tmp_path / "bits.json"), "OUT": str(tmp_path / "out"),
-               "EMPTY": str(tmp_path / "empty")}
+               "EMPTY": str(tmp_path / "empty"), "BROKEN": str(tmp_path / "broken.json"),
+               "NOTRUN": str(tmp_path / "notrun")}
     assert main([replace.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("treeq: error:") and message in err and "\n" not in err

@@ -13,11 +13,11 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from treeq.bits import preset_config, quantizable_layers, uniform_config
-from treeq.branches.lowrank import LowRankBranch
 from treeq.models.checkpoint import CheckpointError
 from treeq.quant.apply import quantization_map, quantize, set_bits_
 from treeq.quant.export import export, load_exported
 from treeq.quant.integer import IntLinear
+from treeq.quant.recipe import Recipe
 
 FP32_SCALE_TOLERANCE = 1e-3
 FP16_SCALE_TOLERANCE = 1e-2
@@ -48,7 +48,7 @@ def _mixed_config(model):
 @pytest.mark.parametrize("preset, method", [("W4A4", "rtn"), ("W8A8", "hadamard"), ("mixed", "lowrank")])
 def test_round_trip_runs_integer_layers(tiny_dit, tmp_path, preset, method):
     config = _mixed_config(tiny_dit) if preset == "mixed" else preset_config(tiny_dit, preset)
-    quantized = quantize(tiny_dit, config, method=method)
+    quantized = quantize(tiny_dit, config, Recipe(methods=[method]))
     export(quantized, tmp_path / "model")
     loaded = load_exported(tmp_path / "model")
     assert all(isinstance(loaded.get_submodule(name), IntLinear) for name in config)
@@ -58,25 +58,30 @@ def test_round_trip_runs_integer_layers(tiny_dit, tmp_path, preset, method):
 
 
 def test_float32_scales_reproduce_fake_quant(tiny_dit, tmp_path):
-    quantized = quantize(tiny_dit, _mixed_config(tiny_dit), method="hadamard")
+    quantized = quantize(tiny_dit, _mixed_config(tiny_dit), Recipe(methods=["hadamard"]))
     export(quantized, tmp_path / "model", scale_dtype=torch.float32)
     assert _relative_error(quantized, load_exported(tmp_path / "model" / "packed.safetensors")) < FP32_SCALE_TOLERANCE
 
 
-@pytest.mark.parametrize("method, options", [("smooth", dict(symmetric=False, group_size=16)), ("gptq", {})])
-def test_calibrated_methods(tiny_dit, tmp_path, method, options):
-    """SmoothQuant's transform with asymmetric group-wise weights; GPTQ's calibrated rounding."""
+@pytest.mark.parametrize("methods, options", [
+    ("smooth", dict(weight_symmetric=False, group_size=16)), ("gptq", {}), ("hadamard,gptq", {}),
+    ("smooth,lowrank", dict(activations="dynamic-asym")), ("hadamard", dict(activations="static")),
+    ("rtn", dict(activations="dynamic-asym", weight_symmetric=False))])
+def test_calibrated_methods(tiny_dit, tmp_path, methods, options):
+    """Transforms with asymmetric group-wise weights, GPTQ's rounding, compositions, each activation quantizer."""
     calibration = (*_inputs()[:2], torch.tensor([1, 2, 10]))
-    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 8), method=method, calibration=calibration, **options)
+    recipe = Recipe(methods=methods, method_options={"lowrank": {"rank": 4}} if "lowrank" in methods else {},
+                    **options)
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 8), recipe, calibration=calibration)
     export(quantized, tmp_path / "model", scale_dtype=torch.float32)
     assert _relative_error(quantized, load_exported(tmp_path / "model")) < FP32_SCALE_TOLERANCE
 
 
 def test_layers_switched_off_are_stored_as_the_float_linear_they_compute(tiny_dit, tmp_path):
     """A search may switch a rotated, branched layer to full precision: export folds T and the branch back in."""
-    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4), method="hadamard")
+    recipe = Recipe(methods=["hadamard", "lowrank"], method_options={"lowrank": {"rank": 4}})
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4), recipe)
     layer = quantized.blocks[0].attn.qkv
-    layer.attach_branch(LowRankBranch.from_weight(layer.weight, 4))
     config = uniform_config(tiny_dit, 4, 4)
     del config["blocks.0.attn.qkv"]
     set_bits_(quantized, config)
@@ -90,7 +95,7 @@ def test_layers_switched_off_are_stored_as_the_float_linear_they_compute(tiny_di
 
 
 def test_reexport_of_a_loaded_model_is_identical(tiny_dit, tmp_path):
-    export(quantize(tiny_dit, _mixed_config(tiny_dit), method="lowrank"), tmp_path / "first")
+    export(quantize(tiny_dit, _mixed_config(tiny_dit), Recipe(methods=["lowrank"])), tmp_path / "first")
     export(load_exported(tmp_path / "first"), tmp_path / "second")
     first, second = load_file(tmp_path / "first" / "packed.safetensors"), load_file(tmp_path / "second" / "packed.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
@@ -139,7 +144,7 @@ def test_corrupt_weights(exported):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda meta: meta.update(format_version=2), "format version 2"),
+    (lambda meta: meta.update(format_version=3), "format version 3"),
     (lambda meta: meta.update(format="other"), "not a TreeQ packed export"),
     (lambda meta: meta["bits"].popitem(), "disagrees"),
     (lambda meta: meta.update(layers=[]), "must map layer names"),
@@ -180,3 +185,29 @@ def test_weight_only_full_precision_with_quantized_inputs_is_refused(tiny_dit, t
 def test_export_needs_a_dit(tmp_path):
     with pytest.raises(ValueError, match="DiTConfig"):
         export(nn.Linear(4, 4), tmp_path / "model")
+
+
+def test_version_1_exports_still_load(exported):
+    """Version 1 recorded only whether a static scale exists; it had no asymmetric activations."""
+    path = exported / "packed.json"
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 1
+    for layer in meta["layers"].values():
+        layer["static_act_scale"] = layer.pop("activations") == "static"
+    path.write_text(json.dumps(meta))
+    assert all(module.activations == "dynamic" for module in load_exported(exported).modules()
+               if isinstance(module, IntLinear))
+
+
+def test_exported_models_answer_the_bit_config_helpers(tiny_dit, tmp_path):
+    from treeq.bits import average_bits
+    config = _mixed_config(tiny_dit)
+    export(quantize(tiny_dit, config, Recipe(methods=["lowrank"], method_options={"lowrank": {"rank": 4}})),
+           tmp_path / "model")
+    loaded = load_exported(tmp_path / "model")
+    assert quantizable_layers(loaded) == quantizable_layers(tiny_dit)  # not the branches' linears
+    assert quantization_map(loaded) == config
+    assert average_bits(quantization_map(loaded), loaded) == average_bits(config, tiny_dit)
+    set_bits_(loaded, config)  # the bits it holds: accepted
+    with pytest.raises(ValueError, match="holds codes at one bit-width"):
+        set_bits_(loaded, uniform_config(tiny_dit, 8, 8))

@@ -62,8 +62,17 @@ def test_smoothing_transform():
 
 
 def test_static_activation_scale_clips_like_fake_quant():
-    layer = _quant_linear(4, 4, act_scale=0.1)  # inputs of std 1 saturate the 4-bit range at +-0.7
+    layer = _quant_linear(32, 32, activations="static")
+    layer.act_scales[4] = torch.tensor(0.1)  # inputs of std 1 saturate the 4-bit range at +-0.7
+    layer.set_bits(4, 4)
     assert _relative_error(layer, _tokens(6, 64)) < TOLERANCE
+
+
+@pytest.mark.parametrize("w_bits, a_bits, symmetric", [(4, 4, True), (8, 8, False), (3, 3, False)])
+def test_asymmetric_activations_match_fake_quant(w_bits, a_bits, symmetric):
+    layer = _quant_linear(w_bits, a_bits, activations="dynamic-asym", symmetric=symmetric, group_size=16)
+    x = torch.nn.functional.gelu(_tokens(7, 64) * 3) + 0.3  # all tokens shifted off zero
+    assert _relative_error(layer, x) < TOLERANCE
 
 
 def test_float_activations_use_the_dequantized_weight():
@@ -76,9 +85,9 @@ def test_input_codes_are_the_quantizer_codes():
     x[0] = 0.0  # an all-zero token gets the smallest scale and zero codes
     x[1, 0] = 1e4  # one outlier flattens the rest of its token to zero codes
     layer = IntLinear(64, 8, w_bits=4, a_bits=4)
-    codes, scale = layer.quantize_input(x)
-    expected_codes, expected_scale = quantize_activation_per_token(x, 4)
-    assert codes.dtype == torch.int8
+    codes, scale, zero_point = layer.quantize_input(x)
+    expected_codes, expected_scale, _ = quantize_activation_per_token(x, 4)
+    assert codes.dtype == torch.int8 and zero_point is None
     assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
 
 

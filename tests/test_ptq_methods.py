@@ -10,6 +10,7 @@ from treeq.branches.lowrank import LowRankBranch
 from treeq.quant.apply import quantization_map, quantize, set_bits_
 from treeq.quant.gptq import HessianAccumulator, gptq_quantize
 from treeq.quant.linear import QuantLinear
+from treeq.quant.recipe import Recipe
 from treeq.quant.quantizers import dequantize_weight, quantize_weight
 from treeq.quant.rotation import HadamardTransform, hadamard_matrix, rotate_linear_
 from treeq.quant.smooth import InputAbsMax, smooth_linear_
@@ -157,7 +158,8 @@ def test_w8a8_is_close_to_full_precision_and_w4a4_is_not(tiny_dit, calibration):
 
 def test_quantize_copies_unless_inplace(tiny_dit):
     before = copy.deepcopy(tiny_dit.state_dict())
-    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4), method="lowrank", rank=4)
+    recipe = Recipe(methods=["lowrank"], method_options={"lowrank": {"rank": 4}})
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4), recipe)
     assert quantized is not tiny_dit
     assert not any(isinstance(module, QuantLinear) for module in tiny_dit.modules())
     assert all(torch.equal(value, tiny_dit.state_dict()[key]) for key, value in before.items())
@@ -186,7 +188,9 @@ def test_quantization_map_round_trips_and_set_bits_switches_in_place(tiny_dit, c
 @pytest.mark.parametrize("method", ["rtn", "hadamard", "smooth", "gptq", "lowrank"])
 def test_every_method_keeps_the_float_model_and_quantizes(tiny_dit, calibration, method):
     reference = dit_output(tiny_dit, calibration)
-    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 8), method=method, calibration=calibration, rank=8)
+    options = {"lowrank": {"rank": 8}} if method == "lowrank" else {}
+    recipe = Recipe(methods=[method], method_options=options)
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 4, 8), recipe, calibration=calibration)
     error = relative_error(reference, dit_output(quantized, calibration))
     assert 0 < error < 0.5
     set_bits_(quantized, {})
@@ -197,7 +201,7 @@ def test_gptq_through_quantize_beats_round_to_nearest_at_w3(tiny_dit, calibratio
     config = uniform_config(tiny_dit, 3, 32)
     reference = dit_output(tiny_dit, calibration)
     rtn = relative_error(reference, dit_output(quantize(tiny_dit, config), calibration))
-    gptq_model = quantize(tiny_dit, config, method="gptq", calibration=calibration)
+    gptq_model = quantize(tiny_dit, config, Recipe(methods=["gptq"]), calibration=calibration)
     assert relative_error(reference, dit_output(gptq_model, calibration)) < rtn
     layer = gptq_model.blocks[0].attn.qkv
     assert layer.quantized_weight() is layer.rounded_weights[3]
@@ -206,28 +210,12 @@ def test_gptq_through_quantize_beats_round_to_nearest_at_w3(tiny_dit, calibratio
 def test_quantize_input_errors(tiny_dit, calibration):
     config = uniform_config(tiny_dit, 4, 4)
     with pytest.raises(ValueError, match="needs calibration"):
-        quantize(tiny_dit, config, method="smooth")
-    with pytest.raises(ValueError, match="unknown method"):
-        quantize(tiny_dit, config, method="awq")
+        quantize(tiny_dit, config, Recipe(methods=["smooth"]))
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize(tiny_dit, config, Recipe(activations="static"))
     with pytest.raises(ValueError, match="three tensors"):
-        quantize(tiny_dit, config, method="gptq", calibration=calibration[:2])
+        quantize(tiny_dit, config, Recipe(methods=["gptq"]), calibration=calibration[:2])
     with pytest.raises(ValueError, match="another model"):
         quantize(tiny_dit, {"blocks.9.attn.qkv": {"w_bits": 4, "a_bits": 4}})
     with pytest.raises(ValueError, match="already quantized"):
         quantize(quantize(tiny_dit, config), config)
-
-
-def test_static_activation_scales_from_calibration(tiny_dit):
-    from treeq.quant.apply import calibrate_activations_
-    generator = torch.Generator().manual_seed(0)
-    calibration = (torch.randn((8, 1, 32, 32), generator=generator), torch.randint(0, 1000, (8,), generator=generator),
-                   torch.arange(8) % 10)
-    model = quantize(tiny_dit, uniform_config(tiny_dit, 8, 8), method="hadamard")
-    calibrate_activations_(model, calibration)
-    layer = model.get_submodule("blocks.0.mlp.fc1")
-    assert layer.act_scale is not None and layer.act_scale.numel() == 1
-    # the scale covers the largest rotated input seen: nothing in calibration is clipped
-    x, t, y = calibration
-    with torch.no_grad():
-        error = (model(x, t, y) - tiny_dit(x, t, y)).norm() / tiny_dit(x, t, y).norm()
-    assert error < 0.05

@@ -144,10 +144,22 @@ def test_activation_ste_gradient_with_static_and_dynamic_scale():
 
 def test_per_token_integer_activation_codes():
     x = torch.randn(2, 6, 32)
-    codes, scale = quantize_activation_per_token(x, 8)
-    assert codes.dtype == torch.int8 and scale.shape == (2, 6, 1)
+    codes, scale, zero_point = quantize_activation_per_token(x, 8)
+    assert codes.dtype == torch.int8 and scale.shape == (2, 6, 1) and zero_point is None
     assert codes.abs().max() == 127
     assert torch.allclose(codes * scale, fake_quantize_activation(x, 8))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_asymmetric_per_token_codes_use_every_level_over_min_to_max(bits):
+    x = torch.rand(5, 64) * 9 - 0.17  # like post-GELU inputs: -0.17 .. 8.8
+    codes, scale, zero_point = quantize_activation_per_token(x, bits, symmetric=False)
+    assert codes.min() == -2 ** (bits - 1) and codes.max() == 2 ** (bits - 1) - 1
+    restored = (codes - zero_point) * scale
+    assert torch.allclose(restored, fake_quantize_activation(x, bits, symmetric=False))
+    assert (restored - x).abs().max() <= scale.max() / 2 + 1e-6
+    symmetric_error = (fake_quantize_activation(x, bits) - x).square().mean()
+    assert (restored - x).square().mean() < 0.5 * symmetric_error
 
 
 def test_bad_options_raise_value_error(weight):

@@ -26,7 +26,8 @@ def test_w8a8_rtn_is_nearly_lossless_and_w4a4_is_not():
 
 
 def test_bench_ptq_rows_have_the_promised_columns():
-    rows = bench_ptq(num_samples=10, settings=("W8A8",), methods=("rtn",))
-    assert [(r["setting"], r["method"]) for r in rows] == [("FP32", "-"), ("W8A8", "rtn")]
-    assert set(rows[1]) == {"setting", "method", "fid", "sfid", "class_accuracy", "psnr_vs_fp"}
+    rows = bench_ptq(num_samples=10, settings=("W8A8",), baselines=(("rtn", "dynamic-asym"),))
+    assert [(r["setting"], r["method"], r["activations"]) for r in rows] == [("FP32", "-", "-"),
+                                                                             ("W8A8", "rtn", "dynamic-asym")]
+    assert set(rows[1]) == {"setting", "method", "activations", "fid", "sfid", "class_accuracy", "psnr_vs_fp"}
     assert rows[0]["psnr_vs_fp"] is None and rows[1]["psnr_vs_fp"] > 20

@@ -13,12 +13,25 @@ from pathlib import Path
 import torch.nn as nn
 
 from .io import atomic_write
-from .quant.quantizers import SUPPORTED_BITS, is_full_precision
 
+QUANTIZED_BITS = (2, 3, 4, 5, 6, 7, 8)
+FULL_PRECISION_BITS = (16, 32)  # either value means "leave this tensor in floating point"
+SUPPORTED_BITS = QUANTIZED_BITS + FULL_PRECISION_BITS
 PRESETS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
 # A layer left in floating point is deployed in half precision, so it costs 16 bits in every average.
 FULL_PRECISION_COST_BITS = 16
 _ENTRY_KEYS = ("a_bits", "w_bits")
+
+
+def check_bits(bits):
+    """Return `bits` if it is a supported bit-width (2..8 quantize, 16 or 32 leave as float)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return bits
+
+
+def is_full_precision(bits):
+    return bits in FULL_PRECISION_BITS
 
 
 def quantizable_layers(model):
@@ -107,15 +120,23 @@ def save_config(config, path):
 
 def load_config(path):
     """Read a configuration written by save_config (checked for form; validate_config checks layer names)."""
-    config = json.loads(Path(path).read_text())
-    _check_structure(config)
+    try:
+        config = json.loads(Path(path).read_text())
+        _check_structure(config)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: not a bit configuration: {error}") from None
     return config
 
 
+def is_layer(module):
+    """A quantizable layer: an nn.Linear (QuantLinear is one) or an exported integer linear (it has w_bits)."""
+    return isinstance(module, nn.Linear) or hasattr(module, "w_bits")
+
+
 def _top_linears(module, prefix=""):
-    """Linears under `module`, not descending into a linear (a quantized linear's branch is not a layer)."""
+    """Layers under `module`, not descending into one (a quantized linear's branch is not a layer)."""
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
+        if is_layer(child):
             yield prefix + name
         else:
             yield from _top_linears(child, f"{prefix}{name}.")

@@ -14,10 +14,21 @@ from pathlib import Path
 def _load(args):
     """The model named by --model, or the quantized model in --quant when given."""
     if getattr(args, "quant", None):
-        from .quant.recipe import load_quantized
+        from .quant.run import load_quantized
         return load_quantized(args.quant)
     from .models.load import load
     return load(args.model)
+
+
+def _positive_int(text):
+    """argparse type: an int of at least 1, with a one-line error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _sampling_overrides(args):
@@ -63,13 +74,19 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     from .experiment import generate, sample_and_measure
+    from .models.load import load
 
-    model = _load(args)
     overrides = _sampling_overrides(args)
     fp_images = None
-    if args.quant:  # fidelity to full precision: the FP model with identical seeds
-        from .models.load import load
-        fp_images = generate(load(args.model), args.num_samples, args.seed, **overrides)[0]
+    if args.quant:  # fidelity to full precision: the recipe's FP model with identical seeds
+        from .quant.run import load_run
+        recipe, model = load_run(args.quant)
+        if recipe is not None:
+            overrides = {**recipe.sampling, **overrides}
+        fp_model = load(recipe.model if recipe is not None else args.model)
+        fp_images = generate(fp_model, args.num_samples, args.seed, **overrides)[0]
+    else:
+        model = load(args.model)
     metrics, _, _ = sample_and_measure(model, args.num_samples, args.seed, fp_images, **overrides)
     _print(metrics, args.json)
     return 0
@@ -80,11 +97,13 @@ def cmd_info(args):
 
     model = _load(args)
     macs = layer_macs(model)
-    layers = quantizable_layers(model)
+    layers = {name: model.get_submodule(name) for name in quantizable_layers(model)}
     params = sum(p.numel() for p in model.parameters())
     info = {"config": model.config.to_dict(), "parameters": params, "quantizable_layers": len(layers),
             "macs_per_image": sum(macs.values()),
-            "layers": [{"name": n, "shape": list(model.get_submodule(n).weight.shape), "macs": macs[n]} for n in layers]}
+            "layers": [{"name": name, "shape": [layer.out_features, layer.in_features], "macs": macs[name],
+                        "w_bits": getattr(layer, "w_bits", 32), "a_bits": getattr(layer, "a_bits", 32)}
+                       for name, layer in layers.items()]}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -97,21 +116,21 @@ def cmd_info(args):
 def cmd_quantize(args):
     from .bits import average_bits
     from .quant.apply import quantization_map
-    from .quant.recipe import build, save_recipe
+    from .quant.recipe import recipe_from_args
+    from .quant.run import build, save_run
 
-    options = {"rank": args.rank, "group_size": args.group_size, "clip": args.clip, "alpha": args.alpha}
-    calibration = {"num_images": args.calibration_images, "num_timesteps": args.calibration_timesteps}
-    model, quantized = build(args.model, args.config, args.method, options, calibration, args.activations)
+    recipe = recipe_from_args(args, sampling=_sampling_overrides(args))
+    model, quantized = build(recipe)
     bits = quantization_map(quantized)
-    save_recipe(args.out, args.model, bits, args.method, options, calibration, args.activations)
-    print(f"{len(bits)} layers quantized with {args.method}; average bits (BOPs) "
-          f"{average_bits(bits, model):.2f}; recipe in {args.out}/ (use --quant {args.out})")
+    save_run(args.out, recipe, quantized)
+    print(f"{len(bits)} layers quantized with {','.join(recipe.methods)} ({recipe.activations} activations); "
+          f"average bits (BOPs) {average_bits(bits, model):.2f}; run in {args.out}/ (use --quant {args.out})")
     return 0
 
 
 def cmd_export(args):
     from .quant.export import export
-    from .quant.recipe import load_quantized
+    from .quant.run import load_quantized
 
     export(load_quantized(args.quant), args.out)
     print(f"packed checkpoint in {args.out}/")
@@ -140,7 +159,7 @@ def cmd_demo(args):
 def _add_sampling(parser, num_samples):
     parser.add_argument("--model", default="default",
                         help="'default' (the embedded testbed), a TreeQ .safetensors, an official .pt or a diffusers folder")
-    parser.add_argument("--num-samples", type=int, default=num_samples)
+    parser.add_argument("--num-samples", type=_positive_int, default=num_samples)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm"), default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -149,10 +168,18 @@ def _add_sampling(parser, num_samples):
                         help="guide only the first N output channels (3 reproduces the official DiT sampler)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), as every other treeq error."""
+
+    def error(self, message):
+        self.exit(2, f"treeq: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
     from .diffusion.train import TrainConfig
+    from .quant.recipe import add_recipe_arguments
 
-    parser = argparse.ArgumentParser(prog="treeq", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="treeq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a DiT on the embedded MNIST digits")
@@ -179,19 +206,12 @@ def build_parser():
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info, quant=None)
 
-    quant = sub.add_parser("quantize", help="quantize a model with a preset or a bit-configuration file")
-    quant.add_argument("--model", default="default")
-    quant.add_argument("--config", required=True, help="W8A8, W6A6, W4A8, W4A4, W3A3 or a bits .json file")
-    quant.add_argument("--method", default="rtn", choices=("rtn", "hadamard", "smooth", "gptq", "lowrank"))
+    quant = sub.add_parser("quantize", help="quantize a model by a recipe; the run folder holds its whole state")
+    add_recipe_arguments(quant)
+    for flag in ("--sampler", "--steps", "--cfg-scale", "--guidance-channels"):
+        quant.add_argument(flag, type=float if flag == "--cfg-scale" else None if flag == "--sampler" else int,
+                           default=None, help="sampling setting of the calibration trajectories")
     quant.add_argument("--out", required=True)
-    quant.add_argument("--rank", type=int, default=32, help="rank of the low-rank branch (method lowrank)")
-    quant.add_argument("--group-size", type=int, default=None, help="group-wise weight scales (default per channel)")
-    quant.add_argument("--clip", choices=("minmax", "mse"), default="minmax")
-    quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
-    quant.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
-                       help="per-token scales at run time, or per-tensor scales from calibration")
-    quant.add_argument("--calibration-images", type=int, default=32)
-    quant.add_argument("--calibration-timesteps", type=int, default=10)
     quant.set_defaults(func=cmd_quantize)
 
     export = sub.add_parser("export", help="write a packed integer checkpoint of a quantization run")
@@ -201,20 +221,23 @@ def build_parser():
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench.add_argument("which", choices=("fp", "ptq", "kernels"))
-    bench.add_argument("--num-samples", type=int, default=500)
+    bench.add_argument("--num-samples", type=_positive_int, default=500)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="the main job on the embedded testbed")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--num-samples", type=int, default=200)
+    demo.add_argument("--num-samples", type=_positive_int, default=200)
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a flag error already printed
+        return stop.code
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, OSError) as error:

@@ -1,44 +1,54 @@
-"""`treeq bench ptq`: every PTQ baseline at every uniform setting on the testbed, same seeds.
+"""`treeq bench ptq`: the PTQ baselines at every uniform setting on the testbed, same seeds.
 
-One full-precision sample set is the reference for PSNR; each quantized model samples
-the same labels from the same noise. Rows carry FID, sFID, class accuracy and PSNR vs FP.
+One full-precision sample set is the reference for PSNR; each quantized model samples the
+same labels from the same noise. Each baseline runs in its strongest form that the project
+has: per-token asymmetric activations except for the `rtn`/`dynamic` reference row, smoothing
+before the low-rank SVD (SVDQuant), GPTQ after the rotation (QuaRot-style).
 """
 from tqdm import tqdm
 
 from ..bits import preset_config
 from ..experiment import generate, measure
 from ..models.load import load
-from ..quant.apply import CALIBRATED_METHODS, quantize
+from ..quant.apply import quantize
 from ..quant.calibration import load_or_collect
+from ..quant.recipe import Recipe
 
 SETTINGS = ("W8A8", "W4A8", "W4A4", "W3A3")
-METHODS = ("rtn", "hadamard", "smooth", "gptq", "lowrank")
+# (methods, activation quantizer) of each row
+BASELINES = (("rtn", "dynamic"), ("rtn", "dynamic-asym"), ("hadamard", "dynamic-asym"), ("smooth", "dynamic-asym"),
+             ("gptq", "dynamic-asym"), ("lowrank", "dynamic-asym"), ("smooth,lowrank", "dynamic-asym"),
+             ("hadamard,gptq", "dynamic-asym"))
 COLUMNS = ("fid", "sfid", "class_accuracy", "psnr_vs_fp")
 # Rank 4 gives the branch ~5% of a testbed linear's parameters, near SVDQuant's share at
 # DiT-XL/2 width (rank 32: ~3.5%); the default rank 32 would hold 44% of a 96-wide layer.
-OPTIONS = {"lowrank": {"rank": 4}}
+METHOD_OPTIONS = {"lowrank": {"rank": 4}}
 
 
-def bench_ptq(num_samples=500, seed=0, settings=SETTINGS, methods=METHODS):
-    """Rows {setting, method, fid, sfid, class_accuracy, psnr_vs_fp}, the FP model first."""
-    pairs = [(s, m) for s in settings for m in methods]
-    return [_row(setting, method, metrics)
-            for setting, method, _, metrics in compare_settings(load("default"), pairs, num_samples, seed)]
+def baseline_recipe(methods, activations, **fields):
+    """The Recipe of one benchmark row (the testbed's rank-4 low-rank branch where one is used)."""
+    names = methods.split(",")
+    options = {name: METHOD_OPTIONS[name] for name in names if name in METHOD_OPTIONS}
+    return Recipe(methods=names, activations=activations, method_options=options, **fields)
 
 
-def compare_settings(model, pairs, num_samples, seed=0):
-    """Yield (setting, method, images, metrics): ("FP32", "-") first, then each (setting, method)
-    pair quantized from `model`, all sampling the same labels from the same noise."""
+def bench_ptq(num_samples=500, seed=0, settings=SETTINGS, baselines=BASELINES):
+    """Rows {setting, method, activations, fid, sfid, class_accuracy, psnr_vs_fp}, the FP model first."""
+    runs = [(setting, baseline_recipe(*baseline)) for setting in settings for baseline in baselines]
+    return [{"setting": setting, "method": ",".join(recipe.methods) if recipe else "-",
+             "activations": recipe.activations if recipe else "-", **{k: metrics[k] for k in COLUMNS}}
+            for setting, recipe, _, metrics in compare_settings(load("default"), runs, num_samples, seed)]
+
+
+def compare_settings(model, runs, num_samples, seed=0):
+    """Yield (setting, recipe, images, metrics): ("FP32", None) first, then each (preset, recipe)
+    of `runs` quantized from `model`, all sampling the same labels from the same noise."""
     fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
-    yield "FP32", "-", fp_images, measure(fp_images, labels)
-    calibrated = {method for _, method in pairs} & set(CALIBRATED_METHODS)
-    calibration = load_or_collect(model) if calibrated else None
-    for setting, method in tqdm(pairs, desc="quantize and sample"):
-        quantized = quantize(model, preset_config(model, setting), method=method, calibration=calibration,
-                             **OPTIONS.get(method, {}))
+    yield "FP32", None, fp_images, measure(fp_images, labels)
+    calibration = None
+    for setting, recipe in tqdm(runs, desc="quantize and sample"):
+        if calibration is None and recipe.needs_calibration():
+            calibration = load_or_collect(model, **recipe.calibration_options())
+        quantized = quantize(model, preset_config(model, setting), recipe, calibration=calibration)
         images, _, _ = generate(quantized, num_samples, seed, progress=False)
-        yield setting, method, images, measure(images, labels, fp_images)
-
-
-def _row(setting, method, metrics):
-    return {"setting": setting, "method": method, **{k: metrics[k] for k in COLUMNS}}
+        yield setting, recipe, images, measure(images, labels, fp_images)

@@ -4,3 +4,8 @@ A branch is any nn.Module with `forward(x)` on the layer's unquantized (transfor
 `dense()` returning the (out_features, in_features) matrix it applies; QuantLinear.attach_branch
 subtracts dense() from the weight so the quantized path holds the residual.
 """
+from .lowrank import LowRankBranch
+
+# name -> branch class: `from_weight(weight, **options)` initialises one from a weight, the
+# constructor `(in_features, out_features, **describe())` builds an empty one for loading.
+BRANCHES = {"lowrank": LowRankBranch}

@@ -30,6 +30,10 @@ class LowRankBranch(nn.Module):
             branch.down.weight.copy_(root[:, None] * vh[:rank])
         return branch
 
+    def describe(self):
+        """Constructor options beyond the shape (what an export records)."""
+        return {"rank": self.down.out_features}
+
     def dense(self):
         """The (out_features, in_features) matrix the branch applies."""
         return self.up.weight @ self.down.weight

@@ -14,18 +14,19 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..branches.lowrank import LowRankBranch
+from ..bits import is_full_precision
+from ..branches import BRANCHES
 from ..models.checkpoint import CheckpointError, load_state_strict
 from ..models.dit import DiT, DiTConfig
 from .integer import IntLinear
 from .linear import QuantLinear
 from .pack import pack, unpack
-from .quantizers import is_full_precision
 from .rotation import HadamardTransform
 from .smooth import SmoothTransform
 
 FORMAT = "treeq-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added per-layer `activations`; version 1 files (static_act_scale only) still load
+_READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE, META_FILE = "packed.safetensors", "packed.json"
 _FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
 
@@ -37,10 +38,10 @@ _TRANSFORMS = {
     "smooth": (SmoothTransform, lambda module: {},
                lambda spec, layer: SmoothTransform(torch.ones(layer["in_features"]))),
 }
-_BRANCHES = {
-    "lowrank": (LowRankBranch, lambda module: {"rank": module.down.out_features},
-                lambda spec, layer: LowRankBranch(layer["in_features"], layer["out_features"], spec["rank"])),
-}
+_BRANCHES = {name: (cls, lambda module: module.describe(),
+                     lambda spec, layer, cls=cls: cls(layer["in_features"], layer["out_features"],
+                                                      **{k: v for k, v in spec.items() if k != "type"}))
+             for name, cls in BRANCHES.items()}
 
 
 def export(model, path, *, scale_dtype=torch.float16):
@@ -109,7 +110,7 @@ def _export_layer(name, module, tensors, scale_dtype):
             tensors[f"{name}.{key}"] = value
     return {"in_features": module.in_features, "out_features": module.out_features, "w_bits": module.w_bits,
             "a_bits": module.a_bits, "symmetric": module.symmetric, "group_size": module.group_size,
-            "bias": module.bias is not None, "static_act_scale": module.act_scale is not None,
+            "bias": module.bias is not None, "activations": module.activations,
             "input_transform": _describe(name, module.input_transform, _TRANSFORMS, "input transform"),
             "branch": _describe(name, module.branch, _BRANCHES, "branch")}
 
@@ -182,9 +183,9 @@ def _read_meta(meta_path):
         raise CheckpointError(f"{meta_path} is not valid JSON: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} is not a TreeQ packed export (format {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in _READABLE_VERSIONS:
         raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')!r}; "
-                              f"this TreeQ reads version {FORMAT_VERSION}")
+                              f"this TreeQ reads versions {', '.join(map(str, _READABLE_VERSIONS))}")
     missing = [key for key in ("model", "bits", "layers", "safetensors_bytes", "sha256") if key not in meta]
     if missing:
         raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}")
@@ -219,7 +220,7 @@ def _install_layer(model, name, layer, state, source):
             raise ValueError(f"the model's linear is {original.in_features} -> {original.out_features}")
         module = IntLinear(layer["in_features"], layer["out_features"], w_bits=layer["w_bits"], a_bits=layer["a_bits"],
                            bias=layer["bias"], symmetric=layer["symmetric"], group_size=layer["group_size"],
-                           static_act_scale=layer["static_act_scale"],
+                           activations=layer.get("activations", "static" if layer.get("static_act_scale") else "dynamic"),
                            input_transform=_rebuild(layer["input_transform"], _TRANSFORMS, layer),
                            branch=_rebuild(layer["branch"], _BRANCHES, layer))
         numel = layer["in_features"] * layer["out_features"]

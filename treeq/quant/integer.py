@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizers import (QUANTIZED_BITS, QuantizedWeight, check_bits, check_weight_options, code_range,
-                         dequantize_weight, is_full_precision)
+from ..bits import QUANTIZED_BITS, check_bits, is_full_precision
+from .linear import ACTIVATION_QUANTIZERS
+from .quantizers import QuantizedWeight, check_weight_options, code_range, dequantize_weight, token_quant_params
 
 # torch._int_mm on CUDA (cuBLAS) wants more than 16 rows and K, N multiples of 8; the CPU kernel
 # takes any shape (checked on torch 2.13). Padding to the CUDA limits everywhere keeps one code path:
@@ -39,22 +40,27 @@ def _to_float_in_place(accumulator):
 
 
 class IntLinear(nn.Module):
-    """y = s_x s_w (codes_x @ (codes_w - z)^T) + bias + branch(T(x)), with T = `input_transform`.
+    """y = s_x s_w ((codes_x - z_x) @ (codes_w - z_w)^T) + bias + branch(T(x)), with T = `input_transform`.
 
     Buffers: `weight_codes` (out, in) int8, `weight_scale` (out, n_groups) float32, `weight_zero_point`
-    like the scale (asymmetric weights only), `bias`, and `act_scale` (a static per-tensor input scale;
-    None quantizes each token from its absmax). With a_bits 16 or 32 the input stays float and the layer
-    multiplies it by the dequantized weight in floating point: there is no integer GEMM without integer inputs.
+    like the scale (asymmetric weights only), `bias`, and `act_scale` (activations="static": one
+    per-tensor input scale). activations="dynamic" quantizes each token from its absmax, "dynamic-asym"
+    from its min and max (a per-token zero point z_x, corrected after the GEMM). With a_bits 16 or 32 the
+    input stays float and the layer multiplies it by the dequantized weight in floating point: there is
+    no integer GEMM without integer inputs.
     """
 
     def __init__(self, in_features, out_features, *, w_bits, a_bits, bias=True, symmetric=True, group_size=None,
-                 static_act_scale=False, input_transform=None, branch=None, device=None):
+                 activations="dynamic", input_transform=None, branch=None, device=None):
         super().__init__()
         if check_bits(w_bits) not in QUANTIZED_BITS:
             raise ValueError(f"IntLinear holds integer weights: w_bits must be in {QUANTIZED_BITS}, got {w_bits}")
+        if activations not in ACTIVATION_QUANTIZERS:
+            raise ValueError(f"activations must be one of {ACTIVATION_QUANTIZERS}, got {activations!r}")
         check_weight_options(in_features, group_size=group_size)
         self.in_features, self.out_features = in_features, out_features
-        self.w_bits, self.a_bits = w_bits, check_bits(a_bits)
+        self.w_bits, self.a_bits, self.activations = w_bits, check_bits(a_bits), activations
+        static_act_scale = activations == "static" and not is_full_precision(a_bits)
         self.group_size = group_size
         n_groups = 1 if group_size is None else in_features // group_size
         self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -72,7 +78,7 @@ class IntLinear(nn.Module):
         quantized = layer.quantized_weight()
         module = cls(layer.in_features, layer.out_features, w_bits=layer.w_bits, a_bits=layer.a_bits,
                      bias=layer.bias is not None, symmetric=quantized.symmetric, group_size=quantized.group_size,
-                     static_act_scale=layer.act_scale is not None, input_transform=copy.deepcopy(layer.input_transform),
+                     activations=layer.activations, input_transform=copy.deepcopy(layer.input_transform),
                      branch=copy.deepcopy(layer.branch), device=layer.weight.device)
         with torch.no_grad():
             module.weight_codes.copy_(quantized.codes)
@@ -101,8 +107,10 @@ class IntLinear(nn.Module):
         if is_full_precision(self.a_bits):
             out = F.linear(flat.float(), dequantize_weight(self.quantized_weight()), self.bias)
         else:
-            codes, scale = self.quantize_input(flat)
+            codes, scale, zero_point = self.quantize_input(flat)
             out = self.integer_matmul(codes)
+            if zero_point is not None:  # sum_k z_x (codes_w - z_w) s_w: the input zero point's share
+                out.addr_(zero_point.squeeze(-1), dequantize_weight(self.quantized_weight()).sum(1), alpha=-1)
             # Token scale and bias in one pass over the (M, N) output.
             out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale, out=out)
         if self.branch is not None:
@@ -110,22 +118,27 @@ class IntLinear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def quantize_input(self, x):
-        """(int8 codes (M, K), float32 scale (M, 1) or ()) with x ~ codes * scale.
+        """(int8 codes (M, K), float32 scale (M, 1) or (), zero point (M, 1) or None), x ~ (codes - z) * scale.
 
-        Rounds like quantizers.fake_quantize_activation (x times the reciprocal scale). The overhead
-        next to the GEMM is two read-only row reductions, then one scaled copy rounded in place to int8.
+        Rounds like quantizers.fake_quantize_activation (x times the reciprocal scale). The symmetric
+        dynamic overhead next to the GEMM is two read-only row reductions, then one scaled copy rounded
+        in place to int8.
         """
         qmin, qmax = code_range(self.a_bits, symmetric=True)
         x = x.float()
+        if self.activations == "dynamic-asym":
+            scale, zero_point = token_quant_params(x, self.a_bits, symmetric=False)
+            low, high = code_range(self.a_bits, symmetric=False)
+            return (x * scale.reciprocal()).round_().add_(zero_point).clamp_(low, high).to(torch.int8), scale, zero_point
         if self.act_scale is None:
             # max|x| as max(max x, -min x): no |x| temporary (abs().amax() writes one; linalg.vector_norm(inf)
             # is several times slower on CPU, torch 2.13). Same value, so the same scale as the quantizer's.
             absmax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
             scale = absmax.div_(qmax).clamp_min_(torch.finfo(torch.float32).tiny)
             # |x| / scale <= qmax up to one rounding, so codes are in range without a clamp.
-            return (x * scale.reciprocal()).round_().to(torch.int8), scale
+            return (x * scale.reciprocal()).round_().to(torch.int8), scale, None
         scale = self.act_scale.float()
-        return (x * scale.reciprocal()).round_().clamp_(qmin, qmax).to(torch.int8), scale
+        return (x * scale.reciprocal()).round_().clamp_(qmin, qmax).to(torch.int8), scale, None
 
     def integer_matmul(self, codes):
         """sum_k codes_mk (codes_w_nk - z_n) s_w_n over each weight group: float32 (M, N), not yet scaled per token.
@@ -147,4 +160,5 @@ class IntLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
-                f"a_bits={self.a_bits}, group_size={self.group_size}, symmetric={self.symmetric}")
+                f"a_bits={self.a_bits}, group_size={self.group_size}, symmetric={self.symmetric}, "
+                f"activations={self.activations}")

@@ -1,23 +1,28 @@
 """The quantized linear every quantizable DiT layer becomes: a module swap that *is* an nn.Linear.
 
 The float weight stays the source of truth and is fake-quantized at the layer's current bits.
-Fake-quantized weights are cached per bit-width, so the mixed-precision search switches bits
-without re-quantizing. An input transform (Hadamard rotation, smoothing) and a full-precision
-branch (low-rank, Monarch) wrap the quantized path.
+Everything that depends on the bits is held per bit-width (weight codes, GPTQ codes, static
+activation scales), so the mixed-precision search switches bits without re-quantizing, and a
+bit-width whose calibrated state was never computed raises instead of silently falling back.
+An input transform (Hadamard rotation, smoothing) and a full-precision branch (low-rank,
+Monarch) wrap the quantized path.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..bits import check_bits, is_full_precision
 from .quantizers import (
-    check_bits,
+    QuantizedWeight,
     check_weight_options,
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
-    is_full_precision,
     quantize_weight,
 )
+
+ACTIVATION_QUANTIZERS = ("dynamic", "dynamic-asym", "static")
+ROUNDINGS = ("rtn", "gptq")
 
 
 class QuantLinear(nn.Linear):
@@ -25,43 +30,43 @@ class QuantLinear(nn.Linear):
 
     `weight` is W: the original weight with the inverse of T folded in and the branch's dense
     weight subtracted, so with both quantizers off the layer computes the original linear.
-    w_bits / a_bits of 16 or 32 leave weight / input in floating point. `act_scale` None means
-    dynamic per-token input scales, a tensor a static per-tensor one.
+    w_bits / a_bits of 16 or 32 leave weight / input in floating point.
 
-    `rounded_weights` maps w_bits to codes found by a calibrated rounding (GPTQ); at those bits
-    they replace round-to-nearest. They belong to the weight they were computed from: installing
-    a transform or a branch drops them, and training the weight (the STE path) ignores them.
-    They live in memory only, not in the state dict.
+    Per-bit state, all in the state dict:
+    - weight codes: round-to-nearest codes cached per w_bits; with `rounding="gptq"` the codes of
+      `rounded_weights[w_bits]` instead, and no fallback for a w_bits GPTQ did not round.
+    - `act_scales[a_bits]`: static per-tensor input scales (activations="static").
+    Codes belong to the weight they were computed from. Before serving them the layer compares the
+    weight with a snapshot taken then (one read of both; cheaper than the GEMM it feeds): any change,
+    through an optimizer (fused or not), `.data`, `copy_` or `load_state_dict`, drops the RTN cache and
+    the GPTQ codes. The price is one float copy of the weight per layer. Training the weight (the STE
+    path, gradients on) re-quantizes it every call and ignores GPTQ codes.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, w_bits=32, a_bits=32, symmetric=True,
-                 group_size=None, clip="minmax", act_scale=None, input_transform=None, branch=None,
-                 device=None, dtype=None):
+                 group_size=None, clip="minmax", activations="dynamic", rounding="rtn", input_transform=None,
+                 branch=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         check_weight_options(in_features, group_size=group_size, clip=clip)
-        self.w_bits = check_bits(w_bits)
-        self.a_bits = check_bits(a_bits)
-        self.symmetric = symmetric
-        self.group_size = group_size
-        self.clip = clip
-        self.register_buffer("act_scale", None if act_scale is None else torch.as_tensor(act_scale, device=device))
+        if activations not in ACTIVATION_QUANTIZERS:
+            raise ValueError(f"activations must be one of {ACTIVATION_QUANTIZERS}, got {activations!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        self.symmetric, self.group_size, self.clip = symmetric, group_size, clip
+        self.activations, self.rounding = activations, rounding
         self.register_module("input_transform", input_transform)
         self.register_module("branch", branch)
-        self.rounded_weights = {}
-        self.clear_cache()
+        self.register_buffer("_snapshot", None, persistent=False)
+        self.rounded_weights, self.act_scales, self._codes, self._stamp = {}, {}, {}, None
+        self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
 
     @classmethod
     def from_linear(cls, linear, w_bits=32, a_bits=32, **options):
         """Wrap `linear`, sharing its weight and bias parameters (no copy)."""
-        act_scale = options.pop("act_scale", None)
         # Built on the meta device: no memory or initialisation for parameters about to be replaced.
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    w_bits=w_bits, a_bits=a_bits, device="meta", **options)
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        if act_scale is not None:
-            layer.act_scale = torch.as_tensor(act_scale, device=linear.weight.device)
-        layer.clear_cache()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **options)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.set_bits(w_bits, a_bits)
         return layer
 
     def weight_options(self):
@@ -69,67 +74,83 @@ class QuantLinear(nn.Linear):
         return {"symmetric": self.symmetric, "group_size": self.group_size, "clip": self.clip}
 
     def set_bits(self, w_bits, a_bits):
-        """Switch bits; weights seen at these bits before come from the cache."""
-        self.w_bits = check_bits(w_bits)
-        self.a_bits = check_bits(a_bits)
+        """Switch bits; raises if the per-bit state these bits need was never calibrated."""
+        check_bits(w_bits), check_bits(a_bits)
+        if self.activations == "static" and not is_full_precision(a_bits) and a_bits not in self.act_scales:
+            raise ValueError(f"no static activation scale for a_bits {a_bits} (calibrated: "
+                             f"{_listed(self.act_scales)}); prepare it with the recipe's switch_bits")
+        if self.rounding == "gptq" and not is_full_precision(w_bits) and w_bits not in self.rounded_weights:
+            raise ValueError(f"no GPTQ codes for w_bits {w_bits} (rounded: {_listed(self.rounded_weights)}); "
+                             "prepare them with the recipe's switch_bits")
+        self.w_bits, self.a_bits = w_bits, a_bits
 
-    def clear_cache(self):
-        """Drop the fake-quantized weights cached per w_bits (they are recomputed on demand)."""
-        self._cache = {}
-        self._cache_stamp = None
+    @property
+    def act_scale(self):
+        """The static input scale at the current a_bits, or None (dynamic, or inputs in float)."""
+        if self.activations != "static" or is_full_precision(self.a_bits):
+            return None
+        if self.a_bits not in self.act_scales:
+            raise ValueError(f"no static activation scale for a_bits {self.a_bits}")
+        return self.act_scales[self.a_bits]
 
     def forward(self, x):
         if self.input_transform is not None:
             x = self.input_transform(x)
-        x_quantized = fake_quantize_activation(x, self.a_bits, scale=self.act_scale)
+        x_quantized = fake_quantize_activation(x, self.a_bits, symmetric=self.activations != "dynamic-asym",
+                                               scale=self.act_scale)
         out = F.linear(x_quantized, self.fake_quantized_weight(), self.bias)
         return out if self.branch is None else out + self.branch(x)
 
     def fake_quantized_weight(self):
         """The weight the forward uses at the current w_bits.
 
-        When gradients flow to the weight it is recomputed with the straight-through estimator;
-        otherwise it is cached per w_bits until the weight (or a weight option) changes.
+        When gradients flow to the weight it is quantized anew with the straight-through estimator;
+        otherwise it is dequantized from the codes of `quantized_weight()`.
         """
         if is_full_precision(self.w_bits):
             return self.weight
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return fake_quantize_weight(self.weight, self.w_bits, **self.weight_options())
-        # _version counts in-place changes (optimizer steps, copy_); data_ptr catches a replaced tensor.
-        stamp = (self.weight._version, self.weight.data_ptr(), self.symmetric, self.group_size, self.clip)
-        if stamp != self._cache_stamp:
-            self._cache = {}
-            self._cache_stamp = stamp
-        if self.w_bits not in self._cache:
-            self._cache[self.w_bits] = self._compute_fake_quantized_weight()
-        return self._cache[self.w_bits]
+        return dequantize_weight(self.quantized_weight()).to(self.weight.dtype)
 
     def quantized_weight(self):
-        """Integer codes and scales of the weight at the current w_bits (what an export stores)."""
+        """Integer codes and scales of the weight at the current w_bits (what the forward and an export use)."""
         if is_full_precision(self.w_bits):
             raise ValueError(f"layer weight is in full precision (w_bits={self.w_bits}); nothing to quantize")
-        rounded = self.rounded_weights.get(self.w_bits)
-        if rounded is not None:
-            return rounded
-        return quantize_weight(self.weight.detach(), self.w_bits, **self.weight_options())
+        self._drop_stale_codes()
+        if self.rounding == "gptq":
+            if self.w_bits not in self.rounded_weights:
+                raise ValueError(f"no GPTQ codes for w_bits {self.w_bits} (rounded: {_listed(self.rounded_weights)}): "
+                                 "never computed, or the weight changed since; run GPTQ again")
+            return self.rounded_weights[self.w_bits]
+        if self.w_bits not in self._codes:
+            # Outside inference mode, so codes cached under torch.inference_mode serve later training of a branch.
+            with torch.no_grad(), torch.inference_mode(False):
+                self._codes[self.w_bits] = quantize_weight(self.weight.detach(), self.w_bits, **self.weight_options())
+        return self._codes[self.w_bits]
 
     def set_rounded_weight(self, quantized):
-        """Use `quantized` (a QuantizedWeight from a calibrated rounding) whenever w_bits == quantized.bits."""
+        """Use `quantized` (codes from a calibrated rounding of the current weight) at w_bits == quantized.bits."""
         if quantized.codes.shape != self.weight.shape:
             raise ValueError(f"rounded codes {tuple(quantized.codes.shape)} do not match the weight "
                              f"{tuple(self.weight.shape)}")
+        self._drop_stale_codes()
+        self.rounding = "gptq"
         self.rounded_weights[quantized.bits] = quantized
-        self.clear_cache()
 
     def set_input_transform(self, transform, folded_weight):
         """Install T and the weight with T's inverse folded in, so the float output is unchanged."""
         if self.input_transform is not None:
             raise ValueError("layer already has an input transform; fold a combined one into the original weight")
+        if self.branch is not None:
+            raise ValueError("install the input transform before the branch: the branch reads transformed inputs")
         self._replace_weight(folded_weight)
         self.input_transform = transform
 
     def attach_branch(self, branch):
         """Add a full-precision branch (a module with forward(x) and dense()); the weight keeps the residual."""
+        if self.branch is not None:
+            raise ValueError("layer already has a branch; a second one would subtract its weight twice")
         with torch.no_grad():
             residual = self.weight - branch.dense().to(self.weight.dtype)
         self._replace_weight(residual)
@@ -138,28 +159,65 @@ class QuantLinear(nn.Linear):
     def _replace_weight(self, new_weight):
         with torch.no_grad():
             self.weight.copy_(new_weight)
-        self.rounded_weights = {}
-        self.clear_cache()
 
-    def _compute_fake_quantized_weight(self):
-        # Outside inference mode, so a weight cached under torch.inference_mode serves later training of a branch.
+    def _drop_stale_codes(self):
+        """Forget every code computed from another weight or other weight options."""
+        weight = self.weight.detach()
+        stamp = (self.symmetric, self.group_size, self.clip)
+        snapshot = self._snapshot
+        if (snapshot is not None and snapshot.shape == weight.shape and snapshot.dtype == weight.dtype
+                and self._stamp == stamp and torch.equal(snapshot, weight)):
+            return
+        self._codes, self.rounded_weights, self._stamp = {}, {}, stamp
         with torch.no_grad(), torch.inference_mode(False):
-            rounded = self.rounded_weights.get(self.w_bits)
-            if rounded is not None:
-                return dequantize_weight(rounded).to(self.weight.dtype)
-            return fake_quantize_weight(self.weight.detach(), self.w_bits, **self.weight_options())
+            self._snapshot = weight.clone()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Parameters and buffers, plus the per-bit state: `act_scales.<a_bits>`, `rounded_weights.<w_bits>.*`."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for bits, scale in self.act_scales.items():
+            destination[f"{prefix}act_scales.{bits}"] = scale
+        for bits, quantized in self.rounded_weights.items():
+            destination[f"{prefix}rounded_weights.{bits}.codes"] = quantized.codes
+            destination[f"{prefix}rounded_weights.{bits}.scale"] = quantized.scale
+            if quantized.zero_point is not None:
+                destination[f"{prefix}rounded_weights.{bits}.zero_point"] = quantized.zero_point
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        own = [key for key in state_dict if key.startswith(prefix) and key[len(prefix):].split(".")[0] in
+               ("act_scales", "rounded_weights")]
+        unexpected_keys[:] = [key for key in unexpected_keys if key not in own]
+        parts = {}
+        for key in own:
+            parts.setdefault(tuple(key[len(prefix):].split(".")[:2]), {})[key.rsplit(".", 1)[-1]] = state_dict[key]
+        for (kind, bits), tensors in sorted(parts.items()):
+            if kind == "act_scales":
+                self.act_scales[int(bits)] = state_dict[f"{prefix}act_scales.{bits}"].clone()
+            else:
+                self.set_rounded_weight(QuantizedWeight(tensors["codes"].clone(), tensors["scale"].clone(),
+                                                        None if "zero_point" not in tensors else
+                                                        tensors["zero_point"].clone(), int(bits), self.group_size))
 
     def _apply(self, fn, recurse=True):
-        """Move rounded weights with the module (.to, .cuda, .half); cached weights are recomputed."""
+        """Move the per-bit state with the module (.to, .cuda, .half); RTN codes are recomputed."""
         super()._apply(fn, recurse)
         self.rounded_weights = {bits: _map_tensors(fn, quantized) for bits, quantized in self.rounded_weights.items()}
-        self.clear_cache()
+        self.act_scales = {bits: fn(scale) for bits, scale in self.act_scales.items()}
+        self._codes = {}
         return self
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+        return (f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
+                f"activations={self.activations}, rounding={self.rounding}")
+
+
+def _listed(per_bits):
+    return ", ".join(map(str, sorted(per_bits))) or "none"
 
 
 def _map_tensors(fn, quantized):
     zero_point = None if quantized.zero_point is None else fn(quantized.zero_point)
-    return type(quantized)(fn(quantized.codes), fn(quantized.scale), zero_point, quantized.bits, quantized.group_size)
+    return QuantizedWeight(fn(quantized.codes), fn(quantized.scale), zero_point, quantized.bits, quantized.group_size)

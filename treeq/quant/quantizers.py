@@ -1,17 +1,16 @@
 """Uniform integer quantizers: the rounding every TreeQ method builds on.
 
 Weights are quantized per output channel or per group of input features, with min-max or
-MSE-searched clipping; activations (the inputs of linears) per token from their absmax, or per
-tensor from a calibrated scale. Pure functions; the fake-quantize ones pass gradients straight
+MSE-searched clipping; activations (the inputs of linears) per token, symmetric or asymmetric,
+or per tensor from a calibrated scale. Pure functions; the fake-quantize ones pass gradients straight
 through the rounding (STE) so the same code calibrates and fine-tunes.
 """
 from dataclasses import dataclass
 
 import torch
 
-QUANTIZED_BITS = (2, 3, 4, 5, 6, 7, 8)
-FULL_PRECISION_BITS = (16, 32)  # either value means "leave this tensor in floating point"
-SUPPORTED_BITS = QUANTIZED_BITS + FULL_PRECISION_BITS
+from ..bits import QUANTIZED_BITS, check_bits, is_full_precision
+
 CLIP_METHODS = ("minmax", "mse")
 # Clipping ratios tried by clip="mse", from no clipping (1.0, tried first so ties keep it) to half range.
 MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * step for step in range(21))
@@ -35,17 +34,6 @@ class QuantizedWeight:
     @property
     def symmetric(self):
         return self.zero_point is None
-
-
-def check_bits(bits):
-    """Return `bits` if it is a supported bit-width (2..8 quantize, 16 or 32 leave as float)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    return bits
-
-
-def is_full_precision(bits):
-    return bits in FULL_PRECISION_BITS
 
 
 def code_range(bits, symmetric):
@@ -115,27 +103,38 @@ def fake_quantize_weight(weight, bits, *, symmetric=True, group_size=None, clip=
     return out.flatten(1).to(weight.dtype)
 
 
-def fake_quantize_activation(x, bits, *, scale=None):
-    """Symmetric quantize-dequantize of linear inputs over the last (feature) dimension.
+def fake_quantize_activation(x, bits, *, symmetric=True, scale=None):
+    """Quantize-dequantize of linear inputs over the last (feature) dimension.
 
-    Dynamic per token (each token's absmax) when `scale` is None, else static with the calibrated
-    per-tensor `scale`. Gradients pass straight through inside the clip range.
+    Dynamic per token when `scale` is None: symmetric from each token's absmax, or asymmetric from
+    its min and max (all 2^b levels over [min, max]: post-GELU inputs span about -0.17..9, where a
+    symmetric grid wastes half its levels). Static with a calibrated per-tensor symmetric `scale`
+    otherwise. Gradients pass straight through inside the clip range.
     """
     if is_full_precision(check_bits(bits)):
         return x
-    qmin, qmax = code_range(bits, symmetric=True)
-    if scale is None:
-        scale = _token_scale(x.detach(), qmax)
-    elif not torch.is_tensor(scale):
-        scale = torch.tensor(float(scale), device=x.device)
-    return _fake_quantize(x.float(), scale.float(), None, qmin, qmax).to(x.dtype)
+    if scale is not None:
+        qmin, qmax = code_range(bits, symmetric=True)
+        scale = torch.as_tensor(scale, device=x.device)
+        return _fake_quantize(x.float(), scale.float(), None, qmin, qmax).to(x.dtype)
+    scale, zero_point = token_quant_params(x, bits, symmetric=symmetric)
+    return _fake_quantize(x.float(), scale, zero_point, *code_range(bits, symmetric)).to(x.dtype)
 
 
-def quantize_activation_per_token(x, bits):
-    """(int8 codes like x, float32 scale (..., 1)) with x ~ codes * scale: the integer path's input."""
-    qmin, qmax = code_range(bits, symmetric=True)
-    scale = _token_scale(x.detach(), qmax)
-    return _codes(x.detach().float(), scale, None, qmin, qmax).to(torch.int8), scale
+def token_quant_params(x, bits, *, symmetric=True):
+    """(scale, zero_point) of each token (row over the last dimension), each (..., 1) float32."""
+    x = x.detach()
+    if symmetric:
+        return _token_scale(x, code_range(bits, symmetric=True)[1]), None
+    return _affine_params(x.amin(-1, keepdim=True).float(), x.amax(-1, keepdim=True).float(), bits, False)
+
+
+def quantize_activation_per_token(x, bits, *, symmetric=True):
+    """(int8 codes like x, float32 scale (..., 1), zero point like scale or None) with
+    x ~ (codes - zero_point) * scale: the integer path's input."""
+    scale, zero_point = token_quant_params(x, bits, symmetric=symmetric)
+    codes = _codes(x.detach().float(), scale, zero_point, *code_range(bits, symmetric))
+    return codes.to(torch.int8), scale, zero_point
 
 
 def _group(weight, group_size):

@@ -1,63 +1,131 @@
-"""A quantization run folder: the recipe that rebuilds a fake-quant model, or a packed export.
+"""The quantization recipe: one dataclass that says completely how a quantized model is made.
 
-`treeq quantize --out DIR` writes DIR/config.json (model, method, options, calibration
-settings) and DIR/bits.json (the bit configuration). Rebuilding from them is
-deterministic: the calibration set is seeded and cached. A folder written by
-`treeq export` holds packed integer weights instead and loads as the integer model.
+A run folder stores it whole (config.json), the CLI's `quantize` flags are generated from its
+fields, and the benchmarks build their rows from it, so there is one place where a setting lives.
 """
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write
-from ..bits import load_config, preset_config, save_config
-from ..models.load import load
-from .apply import CALIBRATED_METHODS, calibrate_activations_, quantize
-from .calibration import load_or_collect
-from .export import META_FILE, load_exported
+from ..bits import check_bits, load_config, preset_config
+from .activations import CLIPS
+from .linear import ACTIVATION_QUANTIZERS
+from .methods import METHODS, method_options, parse_methods
+from .quantizers import CLIP_METHODS
 
 
-
-def resolve_config(model, config):
-    """A preset name (W4A4, ...) or a path to a bit-configuration JSON file, as a mapping."""
-    if Path(config).suffix == ".json" or Path(config).exists():
-        return load_config(config)
-    return preset_config(model, config)
+def _flag(help, flag=None, **argparse):
+    return {"help": help, "flag": flag, "argparse": argparse}
 
 
-def build(model_spec, config, method, options=None, calibration_options=None, activations="dynamic"):
-    """(fp_model, quantized_model) from a model spec, a preset or bits file, and a method.
+@dataclass
+class Recipe:
+    # where the full-precision model comes from: 'default' (the testbed), a TreeQ .safetensors,
+    # an official facebookresearch/DiT .pt or a diffusers folder
+    model: str = field(default="default", metadata=_flag("the model to quantize"))
+    # a preset or a bit-configuration .json; a run folder keeps the resolved mapping in bits.json
+    bits: str = field(default="W4A4", metadata=_flag("W8A8, W6A6, W4A8, W4A4, W3A3 or a bits .json file", "--config"))
+    # PTQ steps in order: a transform, then a branch, then a rounding (see quant/methods.py)
+    methods: tuple = field(default=("rtn",), metadata=_flag(
+        "comma-separated steps, e.g. smooth,lowrank (SVDQuant) or hadamard,gptq; known: " + ", ".join(METHODS),
+        "--method"))
+    # per-method overrides of the registry's defaults, e.g. {"smooth": {"alpha": 0.6}}; filled in by
+    # `resolved()` so a saved recipe shows every option of the methods it uses, and only those
+    method_options: dict = field(default_factory=dict)
+    # dynamic: per-token symmetric; dynamic-asym: per-token over [min, max]; static: one calibrated
+    # per-tensor scale per a_bits
+    activations: str = field(default="dynamic", metadata=_flag("activation quantizer", choices=ACTIVATION_QUANTIZERS))
+    # how static scales clip: max keeps every calibration input representable, percentile lets the
+    # rarest saturate, mse minimises the squared error at each a_bits
+    activation_clip: str = field(default="max", metadata=_flag("static scales' clipping", "--clip", choices=CLIPS))
+    percentile: float = field(default=99.99, metadata=_flag("clip percentile of |input| (--clip percentile)"))
+    weight_symmetric: bool = True  # symmetric weight codes; asymmetric ones use all 2^b levels
+    group_size: int | None = field(default=None, metadata=_flag("weight scales per group of inputs (default per channel)"))
+    weight_clip: str = field(default="minmax", metadata=_flag("weight clipping", choices=CLIP_METHODS))
+    # extra (w_bits, a_bits) pairs whose per-bit state (static scales, GPTQ codes) is prepared, so that
+    # set_bits_ may switch to them; a mixed-precision search puts its candidates here
+    switch_bits: tuple = ()
+    # the calibration set: FP sampling trajectories of this many images, recorded at this many evenly
+    # spaced steps (both halves of a guided batch: 2 rows per image and step)
+    calibration_images: int = field(default=32, metadata=_flag("images whose sampling trajectories calibrate"))
+    calibration_timesteps: int = field(default=10, metadata=_flag("sampling steps recorded per trajectory"))
+    calibration_seed: int = 1234
+    batch_size: int = 16  # rows per calibration forward
+    # overrides of the model's sampling defaults (sampler, steps, cfg_scale, guidance_channels), used for
+    # the calibration trajectories and by `treeq eval --quant`
+    sampling: dict = field(default_factory=dict)
 
-    activations: "dynamic" (per-token scales at run time) or "static" (per-tensor scales from calibration).
-    """
-    if activations not in ("dynamic", "static"):
-        raise ValueError(f"activations must be 'dynamic' or 'static', got {activations!r}")
-    model = load(model_spec)
-    bits = resolve_config(model, config) if isinstance(config, str) else config
-    calibration = None
-    if method in CALIBRATED_METHODS or activations == "static":
-        calibration = load_or_collect(model, **(calibration_options or {}))
-    quantized = quantize(model, bits, method=method, calibration=calibration, **(options or {}))
-    if activations == "static":
-        calibrate_activations_(quantized, calibration)
-    return model, quantized
+    def __post_init__(self):
+        self.methods = parse_methods(self.methods)
+        self.switch_bits = tuple((check_bits(int(w)), check_bits(int(a))) for w, a in self.switch_bits)
+        for name, allowed in (("activations", ACTIVATION_QUANTIZERS), ("activation_clip", CLIPS),
+                              ("weight_clip", CLIP_METHODS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.method_options = method_options(self.methods, self.method_options)
+
+    def steps(self):
+        """[(name, Method, options)] in the order they run."""
+        return [(name, METHODS[name], self.method_options[name]) for name in self.methods]
+
+    def weight_options(self):
+        return {"symmetric": self.weight_symmetric, "group_size": self.group_size, "clip": self.weight_clip}
+
+    def needs_calibration(self):
+        return self.activations == "static" or any(method.statistic for _, method, _ in self.steps())
+
+    def calibration_options(self):
+        return {"num_images": self.calibration_images, "num_timesteps": self.calibration_timesteps,
+                "seed": self.calibration_seed, **self.sampling}
+
+    def resolve_bits(self, model):
+        """The bit configuration `bits` names, as a mapping for `model`."""
+        if Path(self.bits).suffix == ".json" or Path(self.bits).exists():
+            return load_config(self.bits)
+        return preset_config(model, self.bits)
+
+    def to_dict(self):
+        data = dataclasses.asdict(self)
+        data["methods"], data["switch_bits"] = list(self.methods), [list(pair) for pair in self.switch_bits]
+        return data
+
+    @classmethod
+    def from_dict(cls, data):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"recipe has unknown fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path):
+        from ..io import atomic_write
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(path, lambda p: p.write_text(text))
 
 
-def save_recipe(out, model_spec, bits, method, options, calibration_options, activations="dynamic"):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(bits, out / "bits.json")
-    recipe = {"model": str(model_spec), "method": method, "options": options, "activations": activations,
-              "calibration": calibration_options}
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(recipe, indent=2, sort_keys=True)))
+def add_recipe_arguments(parser):
+    """Flags for every recipe field that carries help text, plus `--<method>-<option>` for method options."""
+    for f in dataclasses.fields(Recipe):
+        if "help" not in f.metadata:
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        kind = int if f.type in (int, int | None) else float if f.type is float else str
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f.metadata["help"],
+                            **f.metadata["argparse"])
+    for name, method in METHODS.items():
+        for option, value in method.options.items():
+            parser.add_argument(f"--{name}-{option.replace('_', '-')}", dest=f"option_{name}_{option}",
+                                type=type(value), default=None, help=f"{name}: {option} (default {value})")
 
 
-def load_quantized(folder):
-    """The quantized model in `folder`: integer model for a packed export, else rebuilt fake-quant."""
-    folder = Path(folder)
-    if (folder / META_FILE).exists():
-        return load_exported(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} holds no quantization run (config.json) or packed export ({META_FILE})")
-    recipe = json.loads((folder / "config.json").read_text())
-    return build(recipe["model"], load_config(folder / "bits.json"), recipe["method"],
-                 recipe["options"], recipe["calibration"], recipe.get("activations", "dynamic"))[1]
+def recipe_from_args(args, **fields):
+    """The Recipe the parsed flags describe (method options only for methods in the list)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+    methods = parse_methods(values["methods"])
+    options = {}
+    for name in methods:
+        given = {option: getattr(args, f"option_{name}_{option}") for option in METHODS[name].options}
+        options[name] = {key: value for key, value in given.items() if value is not None}
+    return Recipe(**{**values, "methods": methods, "method_options": options, **fields})
