@@ -65,7 +65,7 @@ def test_run_folder_reloads_without_recalibrating(tiny_path, tmp_path, capsys, m
                  "--lowrank-rank", "4", "--smooth-alpha", "0.6", "--activations", "static", "--clip", "mse",
                  "--calibration-images", "2", "--calibration-timesteps", "2", "--steps", "4", "--out", run]) == 0
     recipe = json.loads((tmp_path / "svdquant" / "config.json").read_text())["recipe"]
-    assert recipe["method_options"] == {"smooth": {"alpha": 0.6}, "lowrank": {"rank": 4},
+    assert recipe["method_options"] == {"smooth": {"alpha": 0.6}, "lowrank": {"rank": 4, "ratio": 0.0},
                                         "gptq": {"damp": 0.01, "block_size": 128}}
     assert recipe["sampling"] == {"steps": 4}
     _, built = run_module.build(run_module.Recipe.from_dict(recipe))

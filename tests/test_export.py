@@ -66,6 +66,7 @@ def test_float32_scales_reproduce_fake_quant(tiny_dit, tmp_path):
 @pytest.mark.parametrize("methods, options", [
     ("smooth", dict(weight_symmetric=False, group_size=16)), ("gptq", {}), ("hadamard,gptq", {}),
     ("smooth,lowrank", dict(activations="dynamic-asym")), ("hadamard", dict(activations="static")),
+    ("hadamard,monarch", {}),
     ("rtn", dict(activations="dynamic-asym", weight_symmetric=False))])
 def test_calibrated_methods(tiny_dit, tmp_path, methods, options):
     """Transforms with asymmetric group-wise weights, GPTQ's rounding, compositions, each activation quantizer."""

@@ -150,7 +150,8 @@ def test_static_clip_choices_on_heavy_tails():
 
 @pytest.mark.parametrize("methods, message", [
     ("lowrank,smooth", "cannot follow lowrank"), ("gptq,hadamard", "cannot follow gptq"),
-    ("hadamard,smooth", "both a transform"), ("rtn,gptq", "both a rounding"), ("awq", "unknown method 'awq'")])
+    ("hadamard,smooth", "both a transform"), ("rtn,gptq", "both a rounding"), ("awq", "unknown method 'awq'"),
+    ("lowrank,monarch", "both a branch")])
 def test_nonsense_combinations_are_refused(methods, message):
     with pytest.raises(ValueError, match=message):
         parse_methods(methods)
@@ -158,7 +159,8 @@ def test_nonsense_combinations_are_refused(methods, message):
 
 def test_recipe_options_belong_to_its_methods():
     assert Recipe(methods=["hadamard"]).method_options == {"hadamard": {}}
-    assert Recipe(methods="smooth,lowrank").method_options == {"smooth": {"alpha": 0.5}, "lowrank": {"rank": 32}}
+    assert Recipe(methods="smooth,lowrank").method_options == {"smooth": {"alpha": 0.5},
+                                                               "lowrank": {"rank": 32, "ratio": 0.0}}
     with pytest.raises(ValueError, match="method smooth has no option 'rank'"):
         Recipe(methods=["smooth"], method_options={"smooth": {"rank": 3}})
     with pytest.raises(ValueError, match="does not use"):
@@ -167,3 +169,15 @@ def test_recipe_options_belong_to_its_methods():
         Recipe(activations="per-tensor")
     recipe = Recipe(methods="hadamard,gptq", activations="dynamic-asym", switch_bits=[(3, 3)])
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@pytest.mark.parametrize("branch", ["lowrank", "monarch"])
+def test_branches_at_equal_parameter_share(outlier_dit, calibration, branch):
+    """Both branches sized by the same ratio hold about that share of each layer, and lower the error."""
+    model = w4a4(outlier_dit, [branch], calibration, method_options={branch: {"ratio": 0.1}})
+    for name in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2"):
+        layer = model.get_submodule(name)
+        share = sum(p.numel() for p in layer.branch.parameters()) / layer.weight.numel()
+        assert 0.05 < share <= 0.1, (name, share)
+    assert output_error(model, outlier_dit, calibration) < output_error(w4a4(outlier_dit, ["rtn"], calibration),
+                                                                        outlier_dit, calibration)

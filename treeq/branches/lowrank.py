@@ -30,6 +30,15 @@ class LowRankBranch(nn.Module):
             branch.down.weight.copy_(root[:, None] * vh[:rank])
         return branch
 
+    @staticmethod
+    def rank_for_ratio(out_features, in_features, ratio):
+        """The largest rank whose r * (in + out) parameters stay within `ratio` of the layer's, at least 1."""
+        return max(1, min(int(ratio * out_features * in_features / (out_features + in_features)),
+                          out_features, in_features))
+
+    def parameter_count(self):
+        return self.down.weight.numel() + self.up.weight.numel()
+
     def describe(self):
         """Constructor options beyond the shape (what an export records)."""
         return {"rank": self.down.out_features}

@@ -103,6 +103,10 @@ class MonarchBranch(nn.Module):
         y = y[: self.out_features].T
         return y.reshape(*lead, self.out_features)
 
+    def describe(self):
+        """Constructor options beyond the shape (what an export records)."""
+        return {"k_in": self.k_in, "k_out": self.k_out, "rank": self.rank}
+
     def parameter_count(self):
         """rank * (k_out * n_pad + k_in * m_pad)."""
         return self.rank * (self.k_out * self.k_in * self.block_in + self.k_in * self.k_out * self.block_out)

@@ -2,7 +2,8 @@
 
 A method is a step applied to every quantized layer. Steps are of three kinds and run in this
 order: a transform (an online input transform whose inverse is folded into the weight: hadamard,
-smooth), a branch (a full-precision side path; the quantized weight keeps the residual: lowrank),
+smooth), a branch (a full-precision side path; the quantized weight keeps the residual: lowrank,
+monarch),
 a rounding (how weight codes are chosen: rtn, gptq). Each step sees the layer as the steps before
 left it, so `smooth,lowrank` is SVDQuant (SVD of the smoothed weight, quantize the residual) and
 `hadamard,gptq` is QuaRot-style (GPTQ on the rotated weight with the Hessian of rotated inputs).
@@ -13,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..bits import is_full_precision
-from ..branches import BRANCHES
+from ..branches import LowRankBranch, MonarchBranch, monarch_shape
 from .gptq import HessianAccumulator, gptq_quantize
 from .rotation import HadamardTransform, rotate_linear_
 from .smooth import InputAbsMax, SmoothTransform, smooth_linear_
@@ -51,13 +52,28 @@ def _rebuild_smooth(layer, alpha):
     layer.input_transform = SmoothTransform(torch.ones(layer.in_features, device=layer.weight.device))
 
 
-def _lowrank(layer, statistic, w_bits, rank):
-    layer.attach_branch(BRANCHES["lowrank"].from_weight(layer.weight, min(rank, *layer.weight.shape)))
+def _lowrank_rank(layer, rank, ratio):
+    if ratio > 0:
+        return LowRankBranch.rank_for_ratio(layer.out_features, layer.in_features, ratio)
+    return min(rank, layer.out_features, layer.in_features)
 
 
-def _rebuild_lowrank(layer, rank):
-    layer.branch = BRANCHES["lowrank"](layer.in_features, layer.out_features, min(rank, *layer.weight.shape),
-                                       device=layer.weight.device)
+def _lowrank(layer, statistic, w_bits, rank, ratio):
+    layer.attach_branch(LowRankBranch.from_weight(layer.weight, _lowrank_rank(layer, rank, ratio)))
+
+
+def _rebuild_lowrank(layer, rank, ratio):
+    layer.branch = LowRankBranch(layer.in_features, layer.out_features, _lowrank_rank(layer, rank, ratio),
+                                 device=layer.weight.device)
+
+
+def _monarch(layer, statistic, w_bits, ratio):
+    layer.attach_branch(MonarchBranch.from_ratio(layer.weight, ratio))
+
+
+def _rebuild_monarch(layer, ratio):
+    shape = monarch_shape(layer.out_features, layer.in_features, ratio)
+    layer.branch = MonarchBranch(layer.in_features, layer.out_features, *shape, device=layer.weight.device)
 
 
 def _gptq(layer, statistic, w_bits, damp, block_size):
@@ -83,8 +99,11 @@ METHODS = {
     "hadamard": Method("transform", _hadamard, _rebuild_hadamard, help="online block-Hadamard rotation of the input"),
     "smooth": Method("transform", _smooth, _rebuild_smooth, {"alpha": 0.5}, InputAbsMax,
                      "SmoothQuant: per-channel input scales moved into the weight"),
-    "lowrank": Method("branch", _lowrank, _rebuild_lowrank, {"rank": 32},
+    # ratio > 0 sizes the rank from a parameter share of each layer (for comparisons at equal parameters)
+    "lowrank": Method("branch", _lowrank, _rebuild_lowrank, {"rank": 32, "ratio": 0.0},
                       help="SVDQuant-style low-rank full-precision branch"),
+    "monarch": Method("branch", _monarch, _rebuild_monarch, {"ratio": 0.05},
+                      help="General Monarch Branch: block-diagonal Monarch projection of the weight"),
 }
 
 
