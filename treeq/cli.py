@@ -128,6 +128,24 @@ def cmd_quantize(args):
     return 0
 
 
+def cmd_finetune(args):
+    from .data import mnist
+    from .models.load import load
+    from .quant.finetune import FinetuneConfig, finetune_, summary
+    from .quant.run import load_run, save_run
+
+    recipe, student = load_run(args.quant)
+    if recipe is None:
+        raise ValueError(f"{args.quant} is a packed export; fine-tune the run folder it was exported from")
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    images, labels = mnist("train")
+    losses = finetune_(student, load(recipe.model), images, labels, config, args.out, resume=args.resume)
+    save_run(args.out, recipe, student, finetune=summary(losses, config), finetuned_from=str(args.quant))
+    print(f"fine-tuned {config.steps} steps: distillation loss {summary(losses, config)['first_loss']:.4g} -> "
+          f"{summary(losses, config)['final_loss']:.4g}; run in {args.out}/")
+    return 0
+
+
 def cmd_export(args):
     from .quant.export import export
     from .quant.run import load_quantized
@@ -213,6 +231,16 @@ def build_parser():
                            default=None, help="sampling setting of the calibration trajectories")
     quant.add_argument("--out", required=True)
     quant.set_defaults(func=cmd_quantize)
+
+    from .quant.finetune import FinetuneConfig
+    finetune = sub.add_parser("finetune", help="QLoRA-style: train the branches of a quantized run against FP")
+    finetune.add_argument("--quant", required=True, help="a run folder written by `treeq quantize`")
+    finetune.add_argument("--out", required=True, help="the fine-tuned run folder (also holds the checkpoint)")
+    for field in fields(FinetuneConfig):
+        kind = _positive_int if field.type is int and field.name != "seed" else type(field.default)
+        finetune.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+    finetune.add_argument("--resume", action="store_true", help="continue from OUT/finetune_checkpoint.pt")
+    finetune.set_defaults(func=cmd_finetune)
 
     export = sub.add_parser("export", help="write a packed integer checkpoint of a quantization run")
     export.add_argument("--quant", required=True, help="a folder written by `treeq quantize`")

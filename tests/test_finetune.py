@@ -1,0 +1,67 @@
+"""PEFT: only the branches train, the distillation loss falls, resume equals an uninterrupted run,
+and the fine-tuned run folder reloads with its learned branches."""
+import pytest
+import torch
+
+from treeq.bits import uniform_config
+from treeq.quant.apply import quantize
+from treeq.quant.finetune import FinetuneConfig, branch_parameters, finetune_
+from treeq.quant.recipe import Recipe
+from treeq.quant.run import load_run, save_run
+
+
+@pytest.fixture
+def data():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn((64, 1, 32, 32), generator=generator).clamp(-1, 1), torch.arange(64) % 10
+
+
+def student_of(tiny_dit, branch="monarch"):
+    recipe = Recipe(model="unused", methods=["hadamard", branch], method_options={branch: {"ratio": 0.1}})
+    return recipe, quantize(tiny_dit, uniform_config(tiny_dit, 3, 3), recipe)
+
+
+def test_only_the_branches_train_and_the_loss_falls(tiny_dit, data, tmp_path):
+    _, student = student_of(tiny_dit)
+    frozen = {name: p.detach().clone() for name, p in student.named_parameters() if ".branch." not in name}
+    before = {name: p.detach().clone() for name, p in branch_parameters(student).items()}
+    losses = finetune_(student, tiny_dit, *data, FinetuneConfig(steps=30, batch_size=8, lr=3e-3), tmp_path,
+                       progress=False)
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    assert all(torch.equal(p, frozen[name]) for name, p in student.named_parameters() if name in frozen)
+    assert all(not torch.equal(p, before[name]) for name, p in branch_parameters(student).items())
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_dit, data, tmp_path):
+    config = FinetuneConfig(steps=6, batch_size=4, checkpoint_every=3)
+    _, whole = student_of(tiny_dit, "lowrank")
+    finetune_(whole, tiny_dit, *data, config, tmp_path / "whole", progress=False)
+    _, first = student_of(tiny_dit, "lowrank")
+    finetune_(first, tiny_dit, *data, FinetuneConfig(steps=3, batch_size=4, checkpoint_every=3), tmp_path / "split",
+              progress=False)
+    _, resumed = student_of(tiny_dit, "lowrank")
+    finetune_(resumed, tiny_dit, *data, config, tmp_path / "split", resume=True, progress=False)
+    for name, parameter in branch_parameters(whole).items():
+        assert torch.equal(parameter, branch_parameters(resumed)[name]), name
+    with pytest.raises(ValueError, match="other settings"):
+        finetune_(resumed, tiny_dit, *data, FinetuneConfig(steps=6, batch_size=4, lr=0.5), tmp_path / "split",
+                  resume=True, progress=False)
+
+
+def test_a_model_without_branches_is_refused(tiny_dit, data, tmp_path):
+    student = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4))
+    with pytest.raises(ValueError, match="no branch to fine-tune"):
+        finetune_(student, tiny_dit, *data, FinetuneConfig(steps=1), tmp_path, progress=False)
+
+
+def test_learned_branches_survive_the_run_folder(tiny_dit, data, tmp_path, monkeypatch):
+    import treeq.quant.run as run_module
+    recipe, student = student_of(tiny_dit)
+    finetune_(student, tiny_dit, *data, FinetuneConfig(steps=3, batch_size=4), tmp_path, progress=False)
+    save_run(tmp_path / "run", recipe, student)
+    monkeypatch.setattr(run_module, "load", lambda spec: tiny_dit)
+    _, loaded = load_run(tmp_path / "run")
+    x, t, y = data[0][:2], torch.tensor([5, 700]), data[1][:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), student(x, t, y))

@@ -1,0 +1,119 @@
+"""QLoRA-style fine-tuning (PEFT) of a quantized DiT: the low-bit base stays frozen, the branches learn.
+
+The student is a quantized run (its branches: Monarch, or low-rank for the baseline); the teacher
+is the full-precision model the recipe names. The loss is the MSE between their outputs at random
+(x_t, t, y): training images noised to a uniformly drawn step, labels dropped to the null class at
+the rate classifier-free guidance was trained with. Every draw comes from one seeded generator kept
+in the checkpoint, so a resumed run continues exactly where an uninterrupted one would have been.
+"""
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..diffusion.loss import GaussianDiffusion
+from ..io import atomic_write
+from .statistics import quantized_layers
+
+CHECKPOINT_FILE = "finetune_checkpoint.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3            # AdamW on the branches only
+    label_dropout: float = 0.1  # share of null-class labels, as the testbed was trained
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+def branch_parameters(model):
+    """{name: parameter} of every branch beside a quantized layer: what PEFT trains."""
+    parameters = {}
+    for layer_name, layer in quantized_layers(model).items():
+        if layer.branch is not None:
+            parameters.update({f"{layer_name}.branch.{name}": p for name, p in layer.branch.named_parameters()})
+    return parameters
+
+
+def finetune_(student, teacher, images, labels, config, folder, *, resume=False, progress=True):
+    """Train `student`'s branches in place to match `teacher`; returns the per-step losses.
+
+    Writes `folder/finetune_checkpoint.pt` every `checkpoint_every` steps (branch parameters,
+    optimizer, generator, losses); `resume=True` continues from it.
+    """
+    trainable = branch_parameters(student)
+    if not trainable:
+        raise ValueError("the quantized model has no branch to fine-tune; quantize with a branch method "
+                         "(e.g. --method hadamard,monarch or --method lowrank)")
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    for parameter in trainable.values():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses, start = [], 0
+    checkpoint_path = Path(folder) / CHECKPOINT_FILE
+    if resume:
+        start, losses = _restore(checkpoint_path, trainable, optimizer, generator, config)
+    diffusion = GaussianDiffusion()
+    null_class = teacher.config.num_classes
+    # eval mode for both: the DiT's own label dropout would draw from the global generator; labels
+    # are dropped here, from the run's generator
+    student.eval(), teacher.eval()
+    with tqdm(range(start, config.steps), desc="fine-tune branches", disable=not progress,
+              initial=start, total=config.steps) as bar:
+        for step in bar:
+            index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+            t = torch.randint(0, diffusion.num_timesteps, (config.batch_size,), generator=generator)
+            noise = torch.randn(images[index].shape, generator=generator)
+            drop = torch.rand(config.batch_size, generator=generator) < config.label_dropout
+            x_t, y = diffusion.q_sample(images[index], t, noise), torch.where(drop, null_class, labels[index])
+            with torch.no_grad():
+                target = teacher(x_t, t, y)
+            loss = torch.nn.functional.mse_loss(student(x_t, t, y), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                _save(checkpoint_path, trainable, optimizer, generator, losses, config)
+    for parameter in trainable.values():
+        parameter.requires_grad_(False)
+    return losses
+
+
+def _save(path, trainable, optimizer, generator, losses, config):
+    state = {"branches": {name: p.detach().clone() for name, p in trainable.items()}, "optimizer": optimizer.state_dict(),
+             "generator": generator.get_state(), "losses": losses, "config": asdict(config)}
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def _restore(path, trainable, optimizer, generator, config):
+    if not path.exists():
+        raise FileNotFoundError(f"nothing to resume: no {path}")
+    state = torch.load(path, weights_only=True)
+    # steps may grow (a run extends) and checkpoints may come at another rate; the rest fixes the draws
+    changed = sorted(key for key, value in state["config"].items()
+                     if key not in ("steps", "checkpoint_every") and value != asdict(config)[key])
+    if changed:
+        raise ValueError(f"{path} was written with other settings ({', '.join(changed)}); resume with the same ones")
+    if set(state["branches"]) != set(trainable):
+        raise ValueError(f"{path} holds branches of another model")
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(state["branches"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return len(state["losses"]), list(state["losses"])
+
+
+def summary(losses, config):
+    """What a run folder's config.json records of the fine-tuning."""
+    head = sum(losses[:10]) / max(1, len(losses[:10]))
+    tail = sum(losses[-10:]) / max(1, len(losses[-10:]))
+    return {"config": asdict(config), "first_loss": head, "final_loss": tail, "steps": len(losses)}
+
