@@ -80,6 +80,34 @@ def test_run_folder_reloads_without_recalibrating(tiny_path, tmp_path, capsys, m
     assert json.loads(capsys.readouterr().out)["psnr_vs_fp"] > 0
 
 
+def test_branch_flag_composes_with_any_method_list(tiny_path, tmp_path):
+    run = tmp_path / "gmb"
+    assert main(["quantize", "--model", tiny_path, "--config", "W4A4", "--method", "hadamard,gptq",
+                 "--branch", "monarch", "--branch-ratio", "0.1", "--calibration-images", "2",
+                 "--calibration-timesteps", "2", "--steps", "2", "--out", str(run)]) == 0
+    recipe = json.loads((run / "config.json").read_text())["recipe"]
+    assert recipe["methods"] == ["hadamard", "monarch", "gptq"]
+    assert recipe["method_options"]["monarch"] == {"ratio": 0.1}
+    assert main(["export", "--quant", str(run), "--out", str(tmp_path / "packed")]) == 0
+    layers = json.loads((tmp_path / "packed" / "packed.json").read_text())["layers"]
+    assert layers["blocks.0.mlp.fc1"]["branch"]["type"] == "monarch"
+
+
+def test_finetune_command_writes_a_run_that_eval_accepts(tiny_path, tmp_path, capsys, monkeypatch):
+    import treeq.data
+    monkeypatch.setattr(treeq.data, "mnist", lambda split: (torch.randn(16, 1, 32, 32).clamp(-1, 1),
+                                                            torch.arange(16) % 10))
+    run, tuned = tmp_path / "lr", tmp_path / "tuned"
+    assert main(["quantize", "--model", tiny_path, "--config", "W3A3", "--branch", "lowrank", "--branch-ratio", "0.1",
+                 "--out", str(run)]) == 0
+    assert main(["finetune", "--quant", str(run), "--out", str(tuned), "--steps", "2", "--batch-size", "4"]) == 0
+    record = json.loads((tuned / "config.json").read_text())
+    assert record["finetune"]["steps"] == 2 and record["finetuned_from"] == str(run)
+    capsys.readouterr()
+    assert main(["eval", "--quant", str(tuned), *FAST, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["psnr_vs_fp"] > 0
+
+
 def test_fp_eval_has_null_psnr(tiny_path, capsys):
     assert main(["eval", "--model", tiny_path, *FAST, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["psnr_vs_fp"] is None
@@ -96,6 +124,7 @@ def test_fp_eval_has_null_psnr(tiny_path, capsys):
     (["quantize", "--model", "TINY", "--method", "lowrank,smooth", "--out", "OUT"], "cannot follow lowrank"),
     (["quantize", "--model", "TINY", "--method", "smooth", "--out", "OUT", "--clip", "p99"], "invalid choice"),
     (["eval", "--quant", "NOTRUN", "--num-samples", "2"], "not a TreeQ run"),
+    (["quantize", "--model", "TINY", "--method", "lowrank", "--branch", "monarch", "--out", "OUT"], "both a branch"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_path, tmp_path, capsys):
     (tmp_path / "bits.json").write_text(json.dumps({"blocks.7.attn.qkv": {"w_bits": 4, "a_bits": 4}}))

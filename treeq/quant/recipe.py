@@ -114,6 +114,11 @@ def add_recipe_arguments(parser):
         default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
         parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f.metadata["help"],
                             **f.metadata["argparse"])
+    branches = [name for name, method in METHODS.items() if method.kind == "branch"]
+    parser.add_argument("--branch", choices=(*branches, "none"), default="none",
+                        help="add a full-precision branch after the transform (same as naming it in --method)")
+    parser.add_argument("--branch-ratio", type=float, default=None,
+                        help="the branch's parameters as a share of each layer's (sets --<branch>-ratio)")
     for name, method in METHODS.items():
         for option, value in method.options.items():
             parser.add_argument(f"--{name}-{option.replace('_', '-')}", dest=f"option_{name}_{option}",
@@ -124,8 +129,13 @@ def recipe_from_args(args, **fields):
     """The Recipe the parsed flags describe (method options only for methods in the list)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
     methods = parse_methods(values["methods"])
+    if args.branch != "none":  # it stands after the transform, before the rounding
+        rounding = [name for name in methods if METHODS[name].kind == "rounding"]
+        methods = parse_methods([name for name in methods if name not in rounding] + [args.branch] + rounding)
     options = {}
     for name in methods:
         given = {option: getattr(args, f"option_{name}_{option}") for option in METHODS[name].options}
+        if args.branch_ratio is not None and METHODS[name].kind == "branch":
+            given["ratio"] = args.branch_ratio
         options[name] = {key: value for key, value in given.items() if value is not None}
     return Recipe(**{**values, "methods": methods, "method_options": options, **fields})
