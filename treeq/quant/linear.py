@@ -58,6 +58,7 @@ class QuantLinear(nn.Linear):
         self.register_module("branch", branch)
         self.register_buffer("_snapshot", None, persistent=False)
         self.rounded_weights, self.act_scales, self._codes, self._stamp = {}, {}, {}, None
+        self._dequantized = None  # (codes it came from, float weight): the forward's weight at the current bits
         self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
 
     @classmethod
@@ -105,13 +106,17 @@ class QuantLinear(nn.Linear):
         """The weight the forward uses at the current w_bits.
 
         When gradients flow to the weight it is quantized anew with the straight-through estimator;
-        otherwise it is dequantized from the codes of `quantized_weight()`.
+        otherwise it is dequantized from the codes of `quantized_weight()` (kept for the current codes only).
         """
         if is_full_precision(self.w_bits):
             return self.weight
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return fake_quantize_weight(self.weight, self.w_bits, **self.weight_options())
-        return dequantize_weight(self.quantized_weight()).to(self.weight.dtype)
+        quantized = self.quantized_weight()
+        if self._dequantized is None or self._dequantized[0] is not quantized:  # one float copy, current bits
+            with torch.no_grad(), torch.inference_mode(False):
+                self._dequantized = (quantized, dequantize_weight(quantized).to(self.weight.dtype))
+        return self._dequantized[1]
 
     def quantized_weight(self):
         """Integer codes and scales of the weight at the current w_bits (what the forward and an export use)."""
@@ -206,7 +211,7 @@ class QuantLinear(nn.Linear):
         super()._apply(fn, recurse)
         self.rounded_weights = {bits: _map_tensors(fn, quantized) for bits, quantized in self.rounded_weights.items()}
         self.act_scales = {bits: fn(scale) for bits, scale in self.act_scales.items()}
-        self._codes = {}
+        self._codes, self._dequantized = {}, None
         return self
 
     def extra_repr(self):
