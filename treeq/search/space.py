@@ -37,7 +37,7 @@ class SearchSpace:
                 raise ValueError(f"candidates must name exactly the searched layers; missing {missing[:3]}, "
                                  f"unknown {extra[:3]}")
             per_layer = [candidates[name] for name in layers]
-        elif _is_pair_list(candidates):
+        elif not _is_list_of_lists(candidates):
             per_layer = [candidates] * len(layers)
         else:
             per_layer = list(candidates)
@@ -69,10 +69,11 @@ def parse_candidates(text):
     return _check_candidates("--candidates", pairs)
 
 
-def _is_pair_list(value):
+def _is_list_of_lists(value):
+    """Per-layer lists hold pairs; a shared list holds ints in its items (or is empty, refused later)."""
     items = list(value)
-    return bool(items) and all(isinstance(item, (tuple, list)) and len(item) == 2
-                               and all(isinstance(b, int) for b in item) for item in items)
+    return bool(items) and all(isinstance(item, (tuple, list)) and item
+                               and all(isinstance(pair, (tuple, list)) for pair in item) for item in items)
 
 
 def _check_candidates(name, pairs):
