@@ -84,3 +84,21 @@ def test_tree_search_on_the_tiny_dit_respects_the_budget(scored):
     result = tree_search(objective, space, cost, 4.0, queue_size=3, progress=False)
     assert result.average_bits <= 4.0 + 1e-9
     assert result.metric == pytest.approx(full_forward_mse(fp, quantized, calibration(4), result.config), rel=1e-5)
+
+
+def test_shared_prefixes_are_not_recomputed_and_change_no_metric(scored):
+    fp, quantized = scored
+    data = calibration()
+    objective = ModelObjective(quantized, data, 4)
+    # Segment: all of block 0 and the first layer of block 1; candidates differ only in that last layer.
+    prefix = ((3, 3),) * 5
+    assignments = [prefix + ((2, 2),), prefix + ((8, 8),), prefix + ((2, 2),)]
+    calls = []
+    hook = quantized.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        metrics = objective.score(0, 6, assignments)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # block 0 ran once for three candidates
+    alone = [objective.score(0, 6, [a])[0] for a in assignments]
+    assert metrics == alone and metrics[0] == metrics[2] != metrics[1]

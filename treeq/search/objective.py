@@ -3,7 +3,8 @@
 While a segment of layers is scored, every other quantizable layer runs at `env_bits` (ENG, TreeQ
 paper; 32 = full precision). DiT is a chain of blocks, so the hidden state entering the segment's
 first block depends only on the environment: it is cached per (block, env_bits) and each candidate
-runs from that block on, to the output or (readout_blocks) a few blocks past the segment.
+runs from that block on, to the output or (readout_blocks) a few blocks past the segment; blocks
+before the first layer where a candidate differs from the previous one are not run again.
 """
 import torch
 
@@ -77,7 +78,7 @@ class ModelObjective:
             raise ValueError(f"segment [{start}, {end}) is outside the {len(self.layers)} layers")
         first, last = self.block_of[start], self.block_of[end - 1]
         stop = self.depth if self.readout_blocks is None else min(self.depth, last + 1 + self.readout_blocks)
-        metrics = []
+        metrics, previous, trail = [], None, None
         with torch.no_grad():
             self._set_environment()
             entering = self.entering(first)
@@ -88,7 +89,18 @@ class ModelObjective:
                                          f"got {len(assignment)}")
                     for module, (w_bits, a_bits) in zip(self.modules[start:end], assignment):
                         module.set_bits(w_bits, a_bits)
-                    metrics.append(self._measure(entering, first, stop))
+                    # Candidates arrive in product order (left child major): consecutive ones share their
+                    # first layers, and the blocks before the first differing layer need not run again.
+                    resume = first
+                    if previous is not None:
+                        differ = next((i for i, (a, b) in enumerate(zip(assignment, previous)) if a != b), None)
+                        resume = stop if differ is None else self.block_of[start + differ]
+                    trail = [entering] if resume == first else trail[:resume - first + 1]
+                    for block in range(resume, stop):
+                        trail.append([self.model.run_blocks(h, c, block, block + 1)
+                                      for h, c in zip(trail[-1], self._conditioning)])
+                    metrics.append(self._measure(trail[-1], stop))
+                    previous = tuple(assignment)
             finally:
                 self._set_environment()
         return metrics
@@ -108,12 +120,12 @@ class ModelObjective:
                                              for h, c in zip(before, self._conditioning)]
         return self._entering_cache[key]
 
-    def _measure(self, entering, first, stop):
+    def _measure(self, hidden, stop):
+        """The metric of the hidden tokens leaving block stop - 1 (through the head when that is the last block)."""
         errors = []
-        for hidden, c, reference in zip(entering, self._conditioning,
+        for tokens, c, reference in zip(hidden, self._conditioning,
                                         self._reference[stop + 1 if stop == self.depth else stop]):
-            hidden = self.model.run_blocks(hidden, c, first, stop)
-            output = self.model.head(hidden, c) if stop == self.depth else hidden
+            output = self.model.head(tokens, c) if stop == self.depth else tokens
             errors.append(self.metric(output, reference))
         return torch.cat(errors).mean().item()
 
