@@ -17,7 +17,8 @@ class AdditiveScorer:
 
     def __init__(self, n, seed):
         rng = random.Random(seed)
-        self.table = [{pair: (0.0 if pair == (8, 8) else rng.uniform(0.1, 3.0)) for pair in CANDIDATES} for _ in range(n)]
+        self.table = [{pair: (0.0 if pair == (8, 8) else rng.uniform(0.1, 3.0)) for pair in CANDIDATES}
+                      for _ in range(n)]
         self.n, self.evaluated = n, 0
 
     def full(self, config):

@@ -38,7 +38,8 @@ def test_tree_search_writes_its_files(tiny_dit, tiny_path, tmp_path):
 @pytest.mark.parametrize("method", ["ilp", "greedy", "uniform", "random"])
 def test_baselines_write_a_valid_config(tiny_dit, tiny_path, tmp_path, method):
     out = tmp_path / f"{method}.json"
-    assert main(["search", "--model", tiny_path, "--method", method, *FAST, "--evaluations", "5", "--out", str(out)]) == 0
+    argv = ["search", "--model", tiny_path, "--method", method, *FAST, "--evaluations", "5", "--out", str(out)]
+    assert main(argv) == 0
     assert average_bits(load_config(out), tiny_dit) <= 4.0 + 1e-9
 
 

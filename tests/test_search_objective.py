@@ -1,4 +1,4 @@
-"""The model objective on a tiny DiT: the cached segment start gives the full forward's metric, and ENG sets the rest."""
+"""The model objective on a tiny DiT: a cached segment start gives the full forward's metric; ENG sets the rest."""
 import torch
 
 from treeq.bits import quantizable_layers, uniform_config

@@ -112,7 +112,8 @@ def evolutionary(scorer, space, cost, target, evaluations, *, population=20, mut
     rng = random.Random(seed)
     costs = _leaf_costs(space, cost)
     seen = {}
-    parents = _score_new(scorer, space, seen, _fresh(rng, space, costs, cost, budget, seen, min(population, evaluations)))
+    first = _fresh(rng, space, costs, cost, budget, seen, min(population, evaluations))
+    parents = _score_new(scorer, space, seen, first)
     while len(seen) < evaluations:
         children = []
         for _ in range(100 * population):  # bounded tries: a small space can run out of unseen configurations

@@ -77,7 +77,8 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
     writer = _is_rank_zero() if writer is None else writer
-    leaf_costs = [[cost.layer_cost(name, pair) for pair in pairs] for name, pairs in zip(space.layers, space.candidates)]
+    leaf_costs = [[cost.layer_cost(name, pair) for pair in pairs]
+                  for name, pairs in zip(space.layers, space.candidates)]
     cheapest = list(itertools.accumulate((min(costs) for costs in leaf_costs), initial=0))
     levels = tree_levels(len(space))
     settings = {"layers": space.layers, "candidates": space.candidates, "cost": cost.name, "budget": budget,
@@ -118,7 +119,8 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                 queue = [scored[i] for i in kept]
                 segment = space.layers[start:end]
                 point = lambda c: [cost.segment_average(c.cost, segment), c.metric]  # noqa: E731
-                record = {"segment": [start, end], "kind": "merge" if children else "leaf", "pruned": len(pool) - len(feasible),
+                record = {"segment": [start, end], "kind": "merge" if children else "leaf",
+                          "pruned": len(pool) - len(feasible),
                           "kept": [point(scored[i]) for i in kept], "dropped": [point(scored[i]) for i in dropped]}
                 if level_index == len(levels) - 1:  # the root: choose before dropping
                     best = min(range(len(scored)), key=lambda i: (scored[i].metric, scored[i].cost, i))
