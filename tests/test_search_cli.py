@@ -41,6 +41,9 @@ def test_baselines_write_a_valid_config(tiny_dit, tiny_path, tmp_path, method):
     argv = ["search", "--model", tiny_path, "--method", method, *FAST, "--evaluations", "5", "--out", str(out)]
     assert main(argv) == 0
     assert average_bits(load_config(out), tiny_dit) <= 4.0 + 1e-9
+    lines = (tmp_path / f"{method}.log.jsonl").read_text().splitlines()
+    results = json.loads((tmp_path / f"{method}.results.json").read_text())
+    assert len(lines) == results["evaluations"] and json.loads(lines[-1])["metric"] >= 0
 
 
 def test_impossible_budget_is_one_line_and_exit_2(tiny_path, tmp_path, capsys):

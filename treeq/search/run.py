@@ -16,6 +16,7 @@ from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .objective import ModelObjective
 from .space import DEFAULT_CANDIDATES, SearchSpace, parse_candidates
+from .state import LoggedScorer
 from .tree import expected_evaluations, tree_search
 
 METHODS = ("tss", "ilp", "evo", "greedy", "random", "uniform")
@@ -58,15 +59,18 @@ def run_search(model_spec="default", target="W4A4", method="tss", *, out="bits.j
         scorer = DistributedScorer(scorer)
     out = Path(out)
     stem = out.with_suffix("")
+    log = log or f"{stem}.log.jsonl"
     if method == "tss":
         result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
-                             log_path=log or f"{stem}.log.jsonl", resume=resume, progress=progress, writer=writer)
-    elif method in ("evo", "random"):
-        evaluations = evaluations or expected_evaluations(space, queue_size)
-        search = evolutionary if method == "evo" else random_search
-        result = search(scorer, space, costs, bits, evaluations, seed=seed)
+                             log_path=log, resume=resume, progress=progress, writer=writer)
     else:
-        result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
+        scorer = LoggedScorer(scorer, space, costs, log, writer=writer)
+        if method in ("evo", "random"):
+            evaluations = evaluations or expected_evaluations(space, queue_size)
+            search = evolutionary if method == "evo" else random_search
+            result = search(scorer, space, costs, bits, evaluations, seed=seed)
+        else:
+            result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
     if writer:
         save_config(result.config, out)
         settings = {"model": model_spec, "target": bits, "method": method, "env_bits": env_bits,

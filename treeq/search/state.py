@@ -78,3 +78,30 @@ class SearchState:
                 if f"{node[0]}/{node[1]}" in self.nodes:
                     lines.append(line + "\n")
         atomic_write(self.log_path, lambda p: p.write_text("".join(lines)))
+
+
+class LoggedScorer:
+    """Wraps a scorer and appends a JSON line per scored candidate: the log of the baselines, which keep no
+    tree state (node is null). `cost` converts a segment's summed cost to average bits; rank 0 writes."""
+
+    def __init__(self, scorer, space, cost, log_path, writer=True):
+        self.scorer, self.space, self.cost, self.writer = scorer, space, cost, writer
+        self.log_path = Path(log_path)
+        if writer:
+            atomic_write(self.log_path, lambda p: p.write_text(""))
+
+    @property
+    def settings(self):
+        return getattr(self.scorer, "settings", None)
+
+    def score(self, start, end, assignments):
+        metrics = list(self.scorer.score(start, end, assignments))
+        if self.writer:
+            layers = self.space.layers[start:end]
+            with self.log_path.open("a") as log:
+                for bits, metric in zip(assignments, metrics):
+                    average = self.cost.segment_average(self.cost.assignment_cost(layers, bits), layers)
+                    line = {"node": None, "segment": [start, end], "config": self.space.config(bits, start),
+                            "cost": average, "metric": float(metric)}
+                    log.write(json.dumps(line) + "\n")
+        return metrics
