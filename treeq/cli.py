@@ -159,7 +159,9 @@ def _add_search(sub):
                              "target; 32 = full precision)")
     search.add_argument("--queue-size", type=int, default=16)
     search.add_argument("--candidates", default=None, help="(w,a) pairs, e.g. '4,4 3,4 4,3 8,8' (default by target)")
-    search.add_argument("--calibration-rows", type=int, default=32)
+    search.add_argument("--calibration-rows", type=int, default=16,
+                        help="rows of the calibration set scored per candidate (16: a W4A4 testbed search in ~4 CPU "
+                             "minutes; see docs/search-measurements.md)")
     search.add_argument("--readout-blocks", type=int, default=1,
                         help="read the metric this many blocks past the segment; -1 = at the model output")
     search.add_argument("--evaluations", type=int, default=None,

@@ -23,7 +23,7 @@ METHODS = ("tss", "ilp", "evo", "greedy", "random", "uniform")
 
 
 def run_search(model_spec="default", target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
-               candidates=None, calibration_rows=32, readout_blocks=1, evaluations=None, seed=0, resume=False,
+               candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True):
     """Run `method` and write its files; returns the SearchResult (on every rank)."""
     from ..models.load import load
