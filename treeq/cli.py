@@ -174,6 +174,43 @@ def cmd_demo(args):
     return run_demo(args.out, num_samples=args.num_samples)
 
 
+def cmd_search(args):
+    from .search.run import run_search
+
+    result = run_search(args.model, args.target, args.method, out=args.out, env_bits=args.env_bits,
+                        queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
+                        readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks,
+                        evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost)
+    print(f"{args.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
+          f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}")
+    return 0
+
+
+def _add_search(sub):
+    search = sub.add_parser("search", help="mixed-precision search (TreeQ tree search or a baseline) -> bits.json")
+    search.add_argument("--model", default="default")
+    search.add_argument("--target", default="W4A4", help="W4A4, W3A3 or average bits, e.g. 3.5")
+    search.add_argument("--method", default="tss", choices=("tss", "ilp", "evo", "greedy", "random", "uniform"))
+    search.add_argument("--env-bits", type=int, default=None,
+                        help="environmental noise: bits of every layer outside the scored segment (default the "
+                             "target; 32 = full precision)")
+    search.add_argument("--queue-size", type=int, default=16)
+    search.add_argument("--candidates", default=None, help="(w,a) pairs, e.g. '4,4 3,4 4,3 8,8' (default by target)")
+    search.add_argument("--calibration-rows", type=int, default=16,
+                        help="rows of the calibration set scored per candidate (16: a W4A4 testbed search in ~4 CPU "
+                             "minutes; see docs/search-measurements.md)")
+    search.add_argument("--readout-blocks", type=int, default=1,
+                        help="read the metric this many blocks past the segment; -1 = at the model output")
+    search.add_argument("--evaluations", type=int, default=None,
+                        help="evo/random: configurations to score (default: the tree search's upper bound)")
+    search.add_argument("--cost", choices=("bops", "memory"), default="bops")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--resume", action="store_true", help="continue from the state file beside --out")
+    search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")
+    search.add_argument("--out", default="bits.json")
+    search.set_defaults(func=cmd_search)
+
+
 def _add_sampling(parser, num_samples):
     parser.add_argument("--model", default="default",
                         help="'default' (the embedded testbed), a TreeQ .safetensors, an official .pt or a diffusers folder")
@@ -258,6 +295,7 @@ def build_parser():
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--num-samples", type=_positive_int, default=200)
     demo.set_defaults(func=cmd_demo)
+    _add_search(sub)
     return parser
 
 

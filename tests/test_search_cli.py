@@ -1,0 +1,53 @@
+"""`treeq search` in-process on a tiny model: writes bits.json, state, log, results and plots; bad input exits 2."""
+import json
+
+import pytest
+
+from treeq.bits import average_bits, load_config, validate_config
+from treeq.cli import main
+from treeq.models.checkpoint import save_model
+
+FAST = ["--candidates", "4,4 3,3 8,8", "--calibration-rows", "4", "--queue-size", "2"]
+
+
+@pytest.fixture
+def tiny_path(tiny_dit, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the calibration cache goes to ./runs
+    save_model(tiny_dit, tmp_path / "tiny")
+    return str(tmp_path / "tiny.safetensors")
+
+
+def test_tree_search_writes_its_files(tiny_dit, tiny_path, tmp_path):
+    out = tmp_path / "search" / "bits.json"
+    assert main(["search", "--model", tiny_path, "--method", "tss", *FAST, "--out", str(out)]) == 0
+    config = load_config(out)
+    validate_config(config, tiny_dit)
+    assert len(config) == 10 and average_bits(config, tiny_dit) <= 4.0 + 1e-9
+    results = json.loads((tmp_path / "search" / "bits.results.json").read_text())
+    assert results["method"] == "tss" and results["evaluations"] > 0 and results["settings"]["env_bits"] == 4
+    lines = (tmp_path / "search" / "bits.log.jsonl").read_text().splitlines()
+    assert len(lines) == results["evaluations"]
+    assert (tmp_path / "search" / "bits.state.json").exists()
+    assert (tmp_path / "search" / "bits-front.png").stat().st_size > 0
+    assert (tmp_path / "search" / "bits-tss-level0.png").stat().st_size > 0
+    # --resume on a finished search scores nothing more and gives the same bits.
+    assert main(["search", "--model", tiny_path, "--method", "tss", *FAST, "--out", str(out), "--resume"]) == 0
+    assert load_config(out) == config
+
+
+@pytest.mark.parametrize("method", ["ilp", "greedy", "uniform", "random"])
+def test_baselines_write_a_valid_config(tiny_dit, tiny_path, tmp_path, method):
+    out = tmp_path / f"{method}.json"
+    argv = ["search", "--model", tiny_path, "--method", method, *FAST, "--evaluations", "5", "--out", str(out)]
+    assert main(argv) == 0
+    assert average_bits(load_config(out), tiny_dit) <= 4.0 + 1e-9
+    lines = (tmp_path / f"{method}.log.jsonl").read_text().splitlines()
+    results = json.loads((tmp_path / f"{method}.results.json").read_text())
+    assert len(lines) == results["evaluations"] and json.loads(lines[-1])["metric"] >= 0
+
+
+def test_impossible_budget_is_one_line_and_exit_2(tiny_path, tmp_path, capsys):
+    assert main(["search", "--model", tiny_path, "--target", "2.5", *FAST, "--out", str(tmp_path / "b.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("treeq: error:") and "lowest achievable 3.000" in error and "\n" not in error
+    assert main(["search", "--model", tiny_path, "--candidates", "4,4 9,9", "--out", str(tmp_path / "b.json")]) == 2

@@ -1,0 +1,104 @@
+"""The model objective on a tiny DiT: a cached segment start gives the full forward's metric; ENG sets the rest."""
+import torch
+
+from treeq.bits import quantizable_layers, uniform_config
+from treeq.quant.apply import quantize, set_bits_
+from treeq.search.cost import cost_model
+from treeq.search.objective import ModelObjective
+from treeq.search.space import SearchSpace
+from treeq.search.tree import tree_search
+
+import pytest
+
+
+def calibration(rows=6):
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(rows, 1, 32, 32, generator=generator), torch.randint(0, 1000, (rows,), generator=generator),
+            torch.randint(0, 10, (rows,), generator=generator))
+
+
+@pytest.fixture
+def scored(tiny_dit):
+    fp = tiny_dit
+    quantized = quantize(fp, uniform_config(fp, 8, 8), method="rtn")
+    return fp, quantized
+
+
+def full_forward_mse(fp, quantized, data, config):
+    with torch.no_grad():
+        reference = fp(*data)
+        set_bits_(quantized, config)
+        return (quantized(*data) - reference).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("env_bits", [4, 32])
+def test_cached_segment_start_equals_a_full_forward(scored, env_bits):
+    fp, quantized = scored
+    data = calibration()
+    objective = ModelObjective(quantized, data, env_bits, batch_size=4)
+    layers = quantizable_layers(fp)
+    start, end = 6, 8  # blocks.1.attn.qkv, blocks.1.attn.proj: evaluation starts at block 1
+    assignments = [((3, 4), (4, 3)), ((8, 8), (2, 2))]
+    metrics = objective.score(start, end, assignments)
+    assert (1, env_bits) in objective._entering_cache
+    for assignment, metric in zip(assignments, metrics):
+        config = {name: {"w_bits": env_bits, "a_bits": env_bits} for name in layers}
+        config.update({layers[start + i]: {"w_bits": w, "a_bits": a} for i, (w, a) in enumerate(assignment)})
+        assert metric == pytest.approx(full_forward_mse(fp, quantized, data, config), rel=1e-5)
+    assert metrics[0] != metrics[1]
+    # Scoring leaves the model in the environment, so repeated calls agree.
+    assert objective.score(start, end, assignments) == metrics
+
+
+def test_full_precision_environment_and_segment_give_zero(scored):
+    _, quantized = scored
+    objective = ModelObjective(quantized, calibration(), 32)
+    assert objective.score(0, 3, [((32, 32),) * 3])[0] == pytest.approx(0, abs=1e-12)
+    assert objective.score(0, 3, [((3, 3),) * 3])[0] > 0
+
+
+def test_readout_a_block_past_the_segment_compares_hidden_tokens(scored):
+    fp, quantized = scored
+    data = calibration()
+    objective = ModelObjective(quantized, data, 32, readout_blocks=0)
+    metric = objective.score(0, 1, [((2, 2),)])[0]
+    with torch.no_grad():
+        set_bits_(quantized, {"blocks.0.adaLN_modulation.1": {"w_bits": 2, "a_bits": 2}})
+        tokens, c = quantized.embed(*data)
+        hidden = quantized.run_blocks(tokens, c, 0, 1)
+        set_bits_(quantized, {})
+        reference = quantized.run_blocks(tokens, c, 0, 1)
+    assert metric == pytest.approx((hidden - reference).pow(2).mean().item(), rel=1e-5)
+
+
+def test_unquantized_model_is_refused(tiny_dit):
+    with pytest.raises(ValueError, match="not quantized"):
+        ModelObjective(tiny_dit, calibration(), 4)
+
+
+def test_tree_search_on_the_tiny_dit_respects_the_budget(scored):
+    fp, quantized = scored
+    objective = ModelObjective(quantized, calibration(4), 4, readout_blocks=1)
+    space = SearchSpace.build(quantizable_layers(fp), [(4, 4), (3, 3), (8, 8)])
+    cost = cost_model(fp)
+    result = tree_search(objective, space, cost, 4.0, queue_size=3, progress=False)
+    assert result.average_bits <= 4.0 + 1e-9
+    assert result.metric == pytest.approx(full_forward_mse(fp, quantized, calibration(4), result.config), rel=1e-5)
+
+
+def test_shared_prefixes_are_not_recomputed_and_change_no_metric(scored):
+    fp, quantized = scored
+    data = calibration()
+    objective = ModelObjective(quantized, data, 4)
+    # Segment: all of block 0 and the first layer of block 1; candidates differ only in that last layer.
+    prefix = ((3, 3),) * 5
+    assignments = [prefix + ((2, 2),), prefix + ((8, 8),), prefix + ((2, 2),)]
+    calls = []
+    hook = quantized.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        metrics = objective.score(0, 6, assignments)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # block 0 ran once for three candidates
+    alone = [objective.score(0, 6, [a])[0] for a in assignments]
+    assert metrics == alone and metrics[0] == metrics[2] != metrics[1]

@@ -1,0 +1,134 @@
+"""The model scorer of the search: end-to-end MSE to full precision under Environmental Noise Guidance.
+
+While a segment of layers is scored, every other quantizable layer runs at `env_bits` (ENG, TreeQ
+paper; 32 = full precision). DiT is a chain of blocks, so the hidden state entering the segment's
+first block depends only on the environment: it is cached per (block, env_bits) and each candidate
+runs from that block on, to the output or (readout_blocks) a few blocks past the segment; blocks
+before the first layer where a candidate differs from the previous one are not run again.
+"""
+import torch
+
+from ..bits import quantizable_layers
+from ..quant.apply import set_bits_
+from ..quant.linear import QuantLinear
+from ..quant.quantizers import check_bits
+
+
+def mse_per_row(output, reference):
+    """Mean squared error of each calibration row (the default metric)."""
+    return (output - reference).pow(2).flatten(1).mean(dim=1)
+
+
+class ModelObjective:
+    """score(start, end, assignments) -> metrics for a model whose every quantizable layer is a QuantLinear.
+
+    model: e.g. quantize(model, uniform_config(model, 8, 8), method="rtn"); its bits are switched in
+    place. calibration: (x_t, t, y). readout_blocks: None reads the metric at the model output; k reads
+    it on the hidden tokens k blocks after the segment's last block (at the output when that passes the
+    last block) - cheaper, and only candidates of one segment are ever compared. metric(output,
+    reference) -> per-row errors, averaged over rows. batch_size: calibration rows per forward.
+    Memory: the cache holds up to depth hidden states of all calibration rows.
+    """
+
+    def __init__(self, model, calibration, env_bits, *, readout_blocks=None, batch_size=320, metric=mse_per_row):
+        self.layers = quantizable_layers(model)
+        plain = [name for name in self.layers if not isinstance(model.get_submodule(name), QuantLinear)]
+        if plain:
+            raise ValueError(f"{plain[0]} is not quantized; build the scored model with quantize(model, "
+                             "uniform_config(model, 8, 8)) so every quantizable layer is a QuantLinear")
+        if readout_blocks is not None and (isinstance(readout_blocks, bool) or not isinstance(readout_blocks, int)
+                                           or readout_blocks < 0):
+            raise ValueError(f"readout_blocks must be None or an int >= 0, got {readout_blocks!r}")
+        self.model = model.eval()
+        self.modules = [model.get_submodule(name) for name in self.layers]
+        self.block_of = [int(name.split(".")[1]) for name in self.layers]
+        self.depth = len(model.blocks)
+        self.env_bits = check_bits(env_bits)
+        self.readout_blocks = readout_blocks
+        self.metric = metric
+        device = next(model.parameters()).device
+        x_t, t, y = (part.to(device) for part in calibration)
+        self.rows = len(x_t)
+        batches = [slice(i, i + batch_size) for i in range(0, self.rows, batch_size)]
+        with torch.no_grad():
+            set_bits_(model, {})  # full precision: the reference
+            self._inputs = [model.embed(x_t[b], t[b], y[b]) for b in batches]
+            self._conditioning = [c for _, c in self._inputs]
+            # FP hidden tokens leaving each block (index b + 1) and the output (index depth + 1).
+            self._reference = {}
+            hidden = [tokens for tokens, _ in self._inputs]
+            for block in range(self.depth):
+                hidden = [model.run_blocks(h, c, block, block + 1) for h, c in zip(hidden, self._conditioning)]
+                self._reference[block + 1] = hidden
+            self._reference[self.depth + 1] = [model.head(h, c) for h, c in zip(hidden, self._conditioning)]
+        self._entering_cache = {}
+
+    @property
+    def settings(self):
+        """What the metrics depend on besides the model: a resumed search refuses other settings."""
+        return {"env_bits": self.env_bits, "rows": self.rows, "readout_blocks": self.readout_blocks,
+                "metric": getattr(self.metric, "__name__", repr(self.metric))}
+
+    def set_env_bits(self, env_bits):
+        self.env_bits = check_bits(env_bits)
+
+    def score(self, start, end, assignments):
+        """One metric per assignment: the (w, a) pairs of layers start..end-1, all others at env_bits."""
+        if not 0 <= start < end <= len(self.layers):
+            raise ValueError(f"segment [{start}, {end}) is outside the {len(self.layers)} layers")
+        first, last = self.block_of[start], self.block_of[end - 1]
+        stop = self.depth if self.readout_blocks is None else min(self.depth, last + 1 + self.readout_blocks)
+        metrics, previous, trail = [], None, None
+        with torch.no_grad():
+            self._set_environment()
+            entering = self.entering(first)
+            try:
+                for assignment in assignments:
+                    if len(assignment) != end - start:
+                        raise ValueError(f"an assignment of segment [{start}, {end}) needs {end - start} pairs, "
+                                         f"got {len(assignment)}")
+                    for module, (w_bits, a_bits) in zip(self.modules[start:end], assignment):
+                        module.set_bits(w_bits, a_bits)
+                    # Candidates arrive in product order (left child major): consecutive ones share their
+                    # first layers, and the blocks before the first differing layer need not run again.
+                    resume = first
+                    if previous is not None:
+                        differ = next((i for i, (a, b) in enumerate(zip(assignment, previous)) if a != b), None)
+                        resume = stop if differ is None else self.block_of[start + differ]
+                    trail = [entering] if resume == first else trail[:resume - first + 1]
+                    for block in range(resume, stop):
+                        trail.append([self.model.run_blocks(h, c, block, block + 1)
+                                      for h, c in zip(trail[-1], self._conditioning)])
+                    metrics.append(self._measure(trail[-1], stop))
+                    previous = tuple(assignment)
+            finally:
+                self._set_environment()
+        return metrics
+
+    def entering(self, block):
+        """Hidden tokens entering `block` with every layer at env_bits (per row batch), cached per (block, env_bits).
+
+        Leaves the model's layers at env_bits."""
+        key = (block, self.env_bits)
+        if key not in self._entering_cache:
+            self._set_environment()
+            if block == 0:
+                self._entering_cache[key] = [tokens for tokens, _ in self._inputs]
+            else:
+                before = self.entering(block - 1)  # walks back to the nearest cached block
+                self._entering_cache[key] = [self.model.run_blocks(h, c, block - 1, block)
+                                             for h, c in zip(before, self._conditioning)]
+        return self._entering_cache[key]
+
+    def _measure(self, hidden, stop):
+        """The metric of the hidden tokens leaving block stop - 1 (through the head when that is the last block)."""
+        errors = []
+        for tokens, c, reference in zip(hidden, self._conditioning,
+                                        self._reference[stop + 1 if stop == self.depth else stop]):
+            output = self.model.head(tokens, c) if stop == self.depth else tokens
+            errors.append(self.metric(output, reference))
+        return torch.cat(errors).mean().item()
+
+    def _set_environment(self):
+        for module in self.modules:
+            module.set_bits(self.env_bits, self.env_bits)

@@ -1,0 +1,120 @@
+"""One search run from the command line's settings: model, calibration, scorer, method, and its files.
+
+`treeq search` calls run_search. Files beside the bit configuration `out` (bits.json): the state
+(`.state.json`), the log of scored candidates (`.log.jsonl`), results (`.results.json`) and, for tree
+search, the plots. Under torchrun (WORLD_SIZE > 1) candidates are split across ranks and rank 0 writes.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..bits import save_config, uniform_config
+from ..io import atomic_write
+from .baselines import evolutionary, greedy, ilp, random_search, uniform
+from .cost import cost_model, parse_target
+from .objective import ModelObjective
+from .space import DEFAULT_CANDIDATES, SearchSpace, parse_candidates
+from .state import LoggedScorer
+from .tree import expected_evaluations, tree_search
+
+METHODS = ("tss", "ilp", "evo", "greedy", "random", "uniform")
+
+
+def run_search(model_spec="default", target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
+               candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
+               log=None, cost="bops", progress=True):
+    """Run `method` and write its files; returns the SearchResult (on every rank)."""
+    from ..models.load import load
+    from ..quant.apply import quantize
+    from ..quant.calibration import load_or_collect
+
+    if method not in METHODS:
+        raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
+    bits = parse_target(target)
+    env_bits = _default_env_bits(bits) if env_bits is None else env_bits
+    if candidates is None:
+        if bits not in DEFAULT_CANDIDATES:
+            raise ValueError(f"no default candidates for {bits:g} average bits; give --candidates, e.g. '4,4 3,4 8,8'")
+        candidates = DEFAULT_CANDIDATES[bits]
+    elif isinstance(candidates, str):
+        candidates = parse_candidates(candidates)
+    model = load(model_spec)
+    space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
+    costs = cost_model(model, cost)
+    # The scored copy starts at W8A8; the scorer switches every layer's bits in place (cached per bit-width).
+    quantized = quantize(model, uniform_config(model, 8, 8), method="rtn").to(_device())
+    distributed = _init_distributed()
+    writer = not distributed or torch.distributed.get_rank() == 0
+    if distributed and not writer:
+        torch.distributed.barrier()  # rank 0 collects (and caches) the calibration set first
+    calibration = _rows(load_or_collect(model), calibration_rows)
+    if distributed and writer:
+        torch.distributed.barrier()
+    # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
+    scorer = ModelObjective(quantized, calibration, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
+    if distributed:
+        from .distributed import DistributedScorer
+        scorer = DistributedScorer(scorer)
+    out = Path(out)
+    stem = out.with_suffix("")
+    log = log or f"{stem}.log.jsonl"
+    if method == "tss":
+        result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
+                             log_path=log, resume=resume, progress=progress, writer=writer)
+    else:
+        scorer = LoggedScorer(scorer, space, costs, log, writer=writer)
+        if method in ("evo", "random"):
+            evaluations = evaluations or expected_evaluations(space, queue_size)
+            search = evolutionary if method == "evo" else random_search
+            result = search(scorer, space, costs, bits, evaluations, seed=seed)
+        else:
+            result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
+    if writer:
+        save_config(result.config, out)
+        settings = {"model": model_spec, "target": bits, "method": method, "env_bits": env_bits,
+                    "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
+                    if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": len(calibration[0]),
+                    "readout_blocks": readout_blocks, "cost": cost, "seed": seed}
+        text = json.dumps({"settings": settings, **result.summary(), "front": result.front}, indent=1)
+        atomic_write(f"{stem}.results.json", lambda p: p.write_text(text))
+        if method == "tss":
+            from .plots import plot_front, plot_levels
+            plot_levels(result.levels, out.parent, prefix=f"{stem.name}-tss")
+            plot_front(result.front, f"{stem}-front.png", chosen={"average_bits": result.average_bits,
+                                                                  "metric": result.metric})
+    return result
+
+
+def _rows(calibration, rows):
+    """`rows` calibration rows spread evenly over the set (it is ordered by sampling step)."""
+    total = len(calibration[0])
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= total:
+        raise ValueError(f"calibration_rows must be in 1..{total}, got {rows!r}")
+    index = torch.linspace(0, total - 1, rows).round().long()
+    return tuple(part[index] for part in calibration)
+
+
+def _default_env_bits(target_bits):
+    """ENG default: the environment at the target (TreeQ's PTQ setting), rounded to a whole bit-width."""
+    return max(2, round(target_bits))
+
+
+def _device():
+    """This process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _init_distributed():
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); False when run alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
