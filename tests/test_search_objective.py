@@ -20,7 +20,7 @@ def calibration(rows=6):
 @pytest.fixture
 def scored(tiny_dit):
     fp = tiny_dit
-    quantized = quantize(fp, uniform_config(fp, 8, 8), method="rtn")
+    quantized = quantize(fp, uniform_config(fp, 8, 8))
     return fp, quantized
 
 

@@ -7,7 +7,7 @@ stderr and exit 2, never a traceback.
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 
@@ -175,9 +175,11 @@ def cmd_demo(args):
 
 
 def cmd_search(args):
-    from .search.run import run_search
+    from .search.run import SEARCH_RECIPE, run_search
 
-    result = run_search(args.model, args.target, args.method, out=args.out, env_bits=args.env_bits,
+    recipe = replace(SEARCH_RECIPE, model=args.model, activations=args.activations or SEARCH_RECIPE.activations,
+                     methods=args.ptq_method or SEARCH_RECIPE.methods)
+    result = run_search(recipe, args.target, args.method, out=args.out, env_bits=args.env_bits,
                         queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
                         readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks,
                         evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost)
@@ -191,6 +193,10 @@ def _add_search(sub):
     search.add_argument("--model", default="default")
     search.add_argument("--target", default="W4A4", help="W4A4, W3A3 or average bits, e.g. 3.5")
     search.add_argument("--method", default="tss", choices=("tss", "ilp", "evo", "greedy", "random", "uniform"))
+    search.add_argument("--ptq-method", default=None,
+                        help="the recipe's PTQ methods the search scores and quantize applies (default hadamard)")
+    search.add_argument("--activations", default=None, choices=("dynamic", "dynamic-asym", "static"),
+                        help="the recipe's activation quantizer (default dynamic-asym)")
     search.add_argument("--env-bits", type=int, default=None,
                         help="environmental noise: bits of every layer outside the scored segment (default the "
                              "target; 32 = full precision)")

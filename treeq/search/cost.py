@@ -7,7 +7,7 @@ models are additive in the layers; only the conversion to an average bit-width d
 import math
 
 from ..bits import FULL_PRECISION_COST_BITS, PRESETS, layer_macs, layer_weight_sizes
-from ..quant.quantizers import is_full_precision
+from ..bits import is_full_precision
 
 # Relative slack of budget comparisons: a config exactly at the target must count as within it
 # although float sums of non-integer targets round differently.

@@ -11,7 +11,7 @@ import torch
 from ..bits import quantizable_layers
 from ..quant.apply import set_bits_
 from ..quant.linear import QuantLinear
-from ..quant.quantizers import check_bits
+from ..bits import check_bits
 
 
 def mse_per_row(output, reference):
@@ -22,7 +22,7 @@ def mse_per_row(output, reference):
 class ModelObjective:
     """score(start, end, assignments) -> metrics for a model whose every quantizable layer is a QuantLinear.
 
-    model: e.g. quantize(model, uniform_config(model, 8, 8), method="rtn"); its bits are switched in
+    model: e.g. quantize(model, uniform_config(model, 8, 8), recipe); its bits are switched in
     place. calibration: (x_t, t, y). readout_blocks: None reads the metric at the model output; k reads
     it on the hidden tokens k blocks after the segment's last block (at the output when that passes the
     last block) - cheaper, and only candidates of one segment are ever compared. metric(output,

@@ -6,12 +6,14 @@ search, the plots. Under torchrun (WORLD_SIZE > 1) candidates are split across r
 """
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..bits import save_config, uniform_config
 from ..io import atomic_write
+from ..quant.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .objective import ModelObjective
@@ -20,12 +22,16 @@ from .state import LoggedScorer
 from .tree import expected_evaluations, tree_search
 
 METHODS = ("tss", "ilp", "evo", "greedy", "random", "uniform")
+# The recipe a search runs on unless told otherwise: the strongest uniform W4A4 baseline on the
+# testbed (docs/RESULTS.md, "Which recipe the search runs on").
+SEARCH_RECIPE = Recipe(methods=("hadamard",), activations="dynamic-asym")
 
 
-def run_search(model_spec="default", target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
+def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True):
-    """Run `method` and write its files; returns the SearchResult (on every rank)."""
+    """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
+    its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE."""
     from ..models.load import load
     from ..quant.apply import quantize
     from ..quant.calibration import load_or_collect
@@ -40,18 +46,25 @@ def run_search(model_spec="default", target="W4A4", method="tss", *, out="bits.j
         candidates = DEFAULT_CANDIDATES[bits]
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
-    model = load(model_spec)
+    recipe = recipe or SEARCH_RECIPE
+    model = load(recipe.model)
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
     costs = cost_model(model, cost)
-    # The scored copy starts at W8A8; the scorer switches every layer's bits in place (cached per bit-width).
-    quantized = quantize(model, uniform_config(model, 8, 8), method="rtn").to(_device())
+    # Per-bit state (GPTQ codes, static scales) for every candidate and the environment, so the scorer
+    # can switch any layer to any of them in place.
+    switch = {pair for layer in space.candidates for pair in layer} | {(env_bits, env_bits)}
+    recipe = replace(recipe, switch_bits=sorted(set(recipe.switch_bits) | switch))
     distributed = _init_distributed()
     writer = not distributed or torch.distributed.get_rank() == 0
     if distributed and not writer:
         torch.distributed.barrier()  # rank 0 collects (and caches) the calibration set first
-    calibration = _rows(load_or_collect(model), calibration_rows)
+    calibration = load_or_collect(model, **recipe.calibration_options())
     if distributed and writer:
         torch.distributed.barrier()
+    first = space.config([layer[0] for layer in space.candidates])
+    quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
+    quantized = quantized.to(_device())
+    calibration = _rows(calibration, calibration_rows)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
     scorer = ModelObjective(quantized, calibration, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
     if distributed:
@@ -73,7 +86,7 @@ def run_search(model_spec="default", target="W4A4", method="tss", *, out="bits.j
             result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
     if writer:
         save_config(result.config, out)
-        settings = {"model": model_spec, "target": bits, "method": method, "env_bits": env_bits,
+        settings = {"recipe": recipe.to_dict(), "target": bits, "method": method, "env_bits": env_bits,
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
                     if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": len(calibration[0]),
                     "readout_blocks": readout_blocks, "cost": cost, "seed": seed}

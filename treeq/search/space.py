@@ -5,7 +5,7 @@ exactly the same configurations. A configuration of the whole space is a tuple o
 """
 from dataclasses import dataclass
 
-from ..quant.quantizers import SUPPORTED_BITS
+from ..bits import SUPPORTED_BITS
 
 # Eight pairs around each target: below it, at it, above it. The design notes' {2,3,4,6}^2 (16 pairs) costs
 # 1.6x the evaluations (measured: a W4A4 tree search with 16 pairs and queue 16 runs ~16,000 evaluations,
