@@ -162,6 +162,9 @@ def cmd_bench(args):
     elif args.which == "fp":
         from .bench.fp import bench_fp
         rows = bench_fp(args.num_samples, args.seed)
+    elif args.which == "recipes":
+        from .bench.ptq import bench_output_error
+        rows = bench_output_error()
     else:
         from .bench.ptq import bench_ptq
         rows = bench_ptq(args.num_samples, args.seed)
@@ -194,7 +197,7 @@ def _add_search(sub):
     search.add_argument("--target", default="W4A4", help="W4A4, W3A3 or average bits, e.g. 3.5")
     search.add_argument("--method", default="tss", choices=("tss", "ilp", "evo", "greedy", "random", "uniform"))
     search.add_argument("--ptq-method", default=None,
-                        help="the recipe's PTQ methods the search scores and quantize applies (default hadamard)")
+                        help="the recipe's PTQ methods the search scores and quantize applies (default hadamard,gptq)")
     search.add_argument("--activations", default=None, choices=("dynamic", "dynamic-asym", "static"),
                         help="the recipe's activation quantizer (default dynamic-asym)")
     search.add_argument("--env-bits", type=int, default=None,
@@ -291,7 +294,7 @@ def build_parser():
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("which", choices=("fp", "ptq", "kernels"))
+    bench.add_argument("which", choices=("fp", "ptq", "recipes", "kernels"))
     bench.add_argument("--num-samples", type=_positive_int, default=500)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true")

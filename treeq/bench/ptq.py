@@ -5,6 +5,7 @@ same labels from the same noise. Each baseline runs in its strongest form that t
 has: per-token asymmetric activations except for the `rtn`/`dynamic` reference row, smoothing
 before the low-rank SVD (SVDQuant), GPTQ after the rotation (QuaRot-style).
 """
+import torch
 from tqdm import tqdm
 
 from ..bits import preset_config
@@ -52,3 +53,24 @@ def compare_settings(model, runs, num_samples, seed=0):
         quantized = quantize(model, preset_config(model, setting), recipe, calibration=calibration)
         images, _, _ = generate(quantized, num_samples, seed, progress=False)
         yield setting, recipe, images, measure(images, labels, fp_images)
+
+
+def bench_output_error(settings=("W4A4", "W3A3"), baselines=BASELINES, rows=64):
+    """Rows {setting, method, activations, output_error}: relative L2 error of the model output against FP
+    on `rows` calibration inputs spread over the sampling trajectory. Seconds, not the minutes that
+    sampling takes: how the search's default recipe was chosen."""
+    model = load("default")
+    calibration = load_or_collect(model)
+    index = torch.linspace(0, len(calibration[0]) - 1, rows).round().long()
+    inputs = tuple(part[index] for part in calibration)
+    with torch.no_grad():
+        reference = model(*inputs)
+    out = []
+    for setting in settings:
+        for methods, activations in baselines:
+            recipe = baseline_recipe(methods, activations)
+            quantized = quantize(model, preset_config(model, setting), recipe, calibration=calibration)
+            with torch.no_grad():
+                error = ((quantized(*inputs) - reference).norm() / reference.norm()).item()
+            out.append({"setting": setting, "method": methods, "activations": activations, "output_error": error})
+    return out

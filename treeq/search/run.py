@@ -22,9 +22,9 @@ from .state import LoggedScorer
 from .tree import expected_evaluations, tree_search
 
 METHODS = ("tss", "ilp", "evo", "greedy", "random", "uniform")
-# The recipe a search runs on unless told otherwise: the strongest uniform W4A4 baseline on the
-# testbed (docs/RESULTS.md, "Which recipe the search runs on").
-SEARCH_RECIPE = Recipe(methods=("hadamard",), activations="dynamic-asym")
+# The recipe a search runs on unless told otherwise: the uniform baseline with the lowest model-output
+# error at W4A4 and W3A3 on the testbed (`treeq bench recipes`, docs/RESULTS.md).
+SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 
 
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
