@@ -51,3 +51,13 @@ def test_impossible_budget_is_one_line_and_exit_2(tiny_path, tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("treeq: error:") and "lowest achievable 3.000" in error and "\n" not in error
     assert main(["search", "--model", tiny_path, "--candidates", "4,4 9,9", "--out", str(tmp_path / "b.json")]) == 2
+
+
+def test_bench_search_reuses_a_finished_search(tiny_path, tmp_path, monkeypatch):
+    import treeq.bench.search as bench
+    from treeq.quant.recipe import Recipe
+    recipe = Recipe(model=tiny_path, calibration_images=4, calibration_timesteps=2)  # 16 rows
+    config, summary = bench.searched("W4A4", "uniform", tmp_path, recipe=recipe)
+    assert summary["method"] == "uniform" and set(config) and summary["evaluations"] > 0
+    monkeypatch.setattr(bench, "run_search", lambda *a, **k: pytest.fail("searched again"))
+    assert bench.searched("W4A4", "uniform", tmp_path, recipe=recipe) == (config, summary)

@@ -162,6 +162,9 @@ def cmd_bench(args):
     elif args.which == "fp":
         from .bench.fp import bench_fp
         rows = bench_fp(args.num_samples, args.seed)
+    elif args.which == "search":
+        from .bench.search import bench_search
+        rows = bench_search(num_samples=args.num_samples, seed=args.seed)
     elif args.which == "recipes":
         from .bench.ptq import bench_output_error
         rows = bench_output_error()
@@ -294,7 +297,7 @@ def build_parser():
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("which", choices=("fp", "ptq", "recipes", "kernels"))
+    bench.add_argument("which", choices=("fp", "ptq", "recipes", "search", "kernels"))
     bench.add_argument("--num-samples", type=_positive_int, default=500)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true")
