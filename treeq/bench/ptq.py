@@ -42,15 +42,17 @@ def bench_ptq(num_samples=500, seed=0, settings=SETTINGS, baselines=BASELINES):
 
 
 def compare_settings(model, runs, num_samples, seed=0):
-    """Yield (setting, recipe, images, metrics): ("FP32", None) first, then each (preset, recipe)
-    of `runs` quantized from `model`, all sampling the same labels from the same noise."""
+    """Yield (setting, recipe, images, metrics): ("FP32", None) first, then each (setting, recipe)
+    of `runs` quantized from `model`, all sampling the same labels from the same noise. A setting is
+    a preset name or a (label, bit configuration) pair."""
     fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
     yield "FP32", None, fp_images, measure(fp_images, labels)
     calibration = None
     for setting, recipe in tqdm(runs, desc="quantize and sample"):
         if calibration is None and recipe.needs_calibration():
             calibration = load_or_collect(model, **recipe.calibration_options())
-        quantized = quantize(model, preset_config(model, setting), recipe, calibration=calibration)
+        setting, config = (setting, preset_config(model, setting)) if isinstance(setting, str) else setting
+        quantized = quantize(model, config, recipe, calibration=calibration)
         images, _, _ = generate(quantized, num_samples, seed, progress=False)
         yield setting, recipe, images, measure(images, labels, fp_images)
 
@@ -60,7 +62,7 @@ def bench_output_error(settings=("W4A4", "W3A3"), baselines=BASELINES, rows=64):
     on `rows` calibration inputs spread over the sampling trajectory. Seconds, not the minutes that
     sampling takes: how the search's default recipe was chosen."""
     model = load("default")
-    calibration = load_or_collect(model)
+    calibration = load_or_collect(model, **Recipe().calibration_options())
     index = torch.linspace(0, len(calibration[0]) - 1, rows).round().long()
     inputs = tuple(part[index] for part in calibration)
     with torch.no_grad():
