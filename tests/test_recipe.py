@@ -181,3 +181,10 @@ def test_branches_at_equal_parameter_share(outlier_dit, calibration, branch):
         assert 0.05 < share <= 0.1, (name, share)
     assert output_error(model, outlier_dit, calibration) < output_error(w4a4(outlier_dit, ["rtn"], calibration),
                                                                         outlier_dit, calibration)
+
+
+def test_the_demo_puts_the_monarch_branch_between_transform_and_rounding():
+    from treeq.demo import treeq_recipe
+    recipe = treeq_recipe(Recipe(methods="hadamard,gptq", activations="dynamic-asym"), ratio=0.1)
+    assert recipe.methods == ("hadamard", "monarch", "gptq") and recipe.method_options["monarch"] == {"ratio": 0.1}
+    assert recipe.activations == "dynamic-asym"
