@@ -170,7 +170,7 @@ def cmd_bench(args):
         rows = bench_output_error()
     else:
         from .bench.ptq import bench_ptq
-        rows = bench_ptq(args.num_samples, args.seed)
+        rows = bench_ptq(args.num_samples, args.seed, settings=tuple(args.settings.split(",")))
     _print(rows, args.json)
     return 0
 
@@ -300,6 +300,8 @@ def build_parser():
     bench.add_argument("which", choices=("fp", "ptq", "recipes", "search", "kernels"))
     bench.add_argument("--num-samples", type=_positive_int, default=500)
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--settings", default="W8A8,W4A8,W4A4,W3A3",
+                       help="ptq: presets to run (split a long bench over processes)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
