@@ -35,10 +35,13 @@ def baseline_recipe(methods, activations, **fields):
 
 def bench_ptq(num_samples=500, seed=0, settings=SETTINGS, baselines=BASELINES):
     """Rows {setting, method, activations, fid, sfid, class_accuracy, psnr_vs_fp}, the FP model first."""
+    model = load("default")
+    for setting in settings:  # refuse an unknown preset before minutes of sampling
+        preset_config(model, setting)
     runs = [(setting, baseline_recipe(*baseline)) for setting in settings for baseline in baselines]
     return [{"setting": setting, "method": ",".join(recipe.methods) if recipe else "-",
              "activations": recipe.activations if recipe else "-", **{k: metrics[k] for k in COLUMNS}}
-            for setting, recipe, _, metrics in compare_settings(load("default"), runs, num_samples, seed)]
+            for setting, recipe, _, metrics in compare_settings(model, runs, num_samples, seed)]
 
 
 def compare_settings(model, runs, num_samples, seed=0):
