@@ -12,8 +12,9 @@ from .checkpoint import load_model, load_official
 def load(spec):
     """A DiT in eval mode from `spec` (see module docstring)."""
     if spec == "default":
-        from ..testbed import WEIGHTS
-        return load_model(WEIGHTS)
+        from ..diffusion.defaults import set_sampling_defaults_
+        from ..testbed import TESTBED, WEIGHTS
+        return set_sampling_defaults_(load_model(WEIGHTS), TESTBED)
     path = Path(spec)
     if path.is_dir():
         from .diffusers_convert import load_diffusers

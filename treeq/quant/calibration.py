@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .. import testbed
 from ..io import atomic_write
+from ..diffusion.defaults import sampling_defaults
 from ..diffusion.sampling import balanced_labels, sample
 
 DEFAULT_CACHE = Path("runs") / "calibration"
@@ -31,7 +31,7 @@ def model_fingerprint(model):
 def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, **sampling):
     """(x_t, t, y) at `num_timesteps` evenly spaced steps of the sampling trajectories of
     `num_images` images (labels balanced). With guidance each kept step adds 2 * num_images rows."""
-    settings = {**testbed.SAMPLING, **sampling}
+    settings = {**sampling_defaults(model), **sampling}
     if not 1 <= num_timesteps <= settings["steps"]:
         raise ValueError(f"num_timesteps must be in 1..{settings['steps']} (the sampler's steps), got {num_timesteps}")
     keep = set(torch.linspace(0, settings["steps"] - 1, num_timesteps).round().long().tolist())
