@@ -137,4 +137,5 @@ def config_from_state(state, source="checkpoint"):
     num_heads = heads[(depth, hidden)]
     return DiTConfig(input_size=int(round(tokens ** 0.5)) * patch, patch_size=patch, in_channels=in_channels,
                      hidden_size=hidden, depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden,
-                     num_classes=table - 1, class_dropout_prob=0.1, learn_sigma=out_channels == 2 * in_channels)
+                     num_classes=table - 1, class_dropout_prob=0.1, learn_sigma=out_channels == 2 * in_channels,
+                     per_block_embedders=any(key.startswith("block_embedders.") for key in state))

@@ -17,7 +17,7 @@ def load(spec):
         return set_sampling_defaults_(load_model(WEIGHTS), TESTBED)
     path = Path(spec)
     if path.is_dir():
-        from .diffusers_convert import load_diffusers
+        from .diffusers_load import load_diffusers
         return load_diffusers(path)
     if path.suffix in (".pt", ".pth", ".bin"):
         return load_official(path)
