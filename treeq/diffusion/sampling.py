@@ -105,11 +105,12 @@ def denoise_loop(model, noise, labels, *, sampler="dpm++", steps=20, cfg_scale=1
 @torch.no_grad()
 def sample(model, labels, *, sampler="dpm++", steps=20, cfg_scale=1.0, seed=0, batch_size=250,
            clip_sample=False, guidance_channels=None, scheduler=None, indices=None, progress=True,
-           on_model_input=None):
+           on_model_input=None, bar=None):
     """Model-space samples (float32) for `labels` (N,), in batches on the model's device.
 
     Sample k is the run's sample number `indices[k]` (default k) and draws its noise from seed
-    (seed, indices[k]), so any batching or sharding of a run gives the same samples.
+    (seed, indices[k]), so any batching or sharding of a run gives the same samples. `bar`: an
+    open progress_bar to advance instead of a new one.
     """
     config = model.config
     shape = (config.in_channels, config.input_size, config.input_size)
@@ -118,7 +119,8 @@ def sample(model, labels, *, sampler="dpm++", steps=20, cfg_scale=1.0, seed=0, b
     if len(indices) != len(labels):
         raise ValueError(f"{len(indices)} sample indices for {len(labels)} labels")
     images = []
-    with progress_bar(len(labels), steps, f"sample ({sampler}, {steps} steps)", disable=not progress) as bar:
+    with progress_bar(len(labels), steps, f"sample ({sampler}, {steps} steps)", disable=not progress) as own_bar:
+        bar = own_bar if bar is None else bar
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
             generators = sample_generators(seed, indices[start:start + batch_size])
