@@ -72,18 +72,15 @@ def test_interrupted_run_resumes_and_refuses_other_settings(tiny_dit, tmp_path):
         sample_to_folder(tiny_dit, out, **{**options, "seed": 1})
 
 
-def test_latent_model_needs_a_vae_then_decodes(tiny_latent_dit, tmp_path, capsys):
+def test_latent_model_needs_a_vae_then_decodes(tiny_latent_dit, tmp_path, capsys, monkeypatch):
     torch.save(tiny_latent_dit.state_dict(), tmp_path / "tiny.pt")
     from treeq.models.registry import FAMILY
-    FAMILY["T"] = (2, 64, 4)  # let the loader read this tiny size off the shapes like a published one
-    try:
-        base = ["sample", "--model", str(tmp_path / "tiny.pt"), "--num-samples", "2", "--steps", "2", "--quiet"]
-        assert main([*base, "--out", str(tmp_path / "a")]) == 2
-        assert "give --vae" in capsys.readouterr().err
-        assert main(["init", "--size", "vae", "--vae-channels", "8,16", "--out", str(tmp_path / "vae")]) == 0
-        assert main([*base, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "b")]) == 0
-    finally:
-        del FAMILY["T"]
+    monkeypatch.setitem(FAMILY, "T", (2, 64, 4))  # let the loader read this tiny size off the shapes
+    base = ["sample", "--model", str(tmp_path / "tiny.pt"), "--num-samples", "2", "--steps", "2", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert "give --vae" in capsys.readouterr().err
+    assert main(["init", "--size", "vae", "--vae-channels", "8,16", "--out", str(tmp_path / "vae")]) == 0
+    assert main([*base, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "b")]) == 0
     images, _ = _samples(tmp_path / "b")
     assert images.shape == (2, 16, 16, 3) and images.std() > 0
     record = json.loads((tmp_path / "b" / "sampling.json").read_text())
@@ -126,3 +123,49 @@ def test_eval_of_large_samples_without_inception_points_to_adm(tiny_pipeline, tm
     assert main(["sample", "--model", str(folder), "--num-samples", "2", "--steps", "2", "--quiet", "--out", out]) == 0
     assert main(["eval", "--samples", out]) == 2
     assert "evaluator.py" in capsys.readouterr().err
+
+
+def test_init_diffusers_pipeline_runs_in_diffusers_and_here(tmp_path):
+    """`treeq init --format diffusers` writes a folder DiTPipeline loads, computing what our loader computes."""
+    from diffusers import DiTPipeline
+
+    out = tmp_path / "pipe"
+    assert main(["init", "--size", "DiT-S/8", "--format", "diffusers", "--input-size", "8", "--depth", "2",
+                 "--hidden-size", "64", "--num-heads", "4", "--vae-channels", "8,16", "--out", str(out)]) == 0
+    theirs = DiTPipeline.from_pretrained(out).transformer.eval()
+    ours = load(str(out))
+    assert not ours.config.per_block_embedders  # written with one shared embedder, as the Hub's conversion
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([5, 1000])
+    with torch.no_grad():
+        assert (theirs(x, timestep=t, class_labels=y).sample - ours(x, t, y)).abs().max() < 1e-4
+
+
+def test_init_official_pt_loads_as_the_named_size(tmp_path, monkeypatch):
+    from treeq.models.registry import FAMILY
+    monkeypatch.setitem(FAMILY, "T", (2, 64, 4))  # a tiny "published" size, read back off the shapes
+    assert main(["init", "--size", "DiT-T/2", "--input-size", "8", "--num-classes", "10",
+                 "--out", str(tmp_path / "t.pt")]) == 0
+    model = load(str(tmp_path / "t.pt"))
+    assert (model.config.depth, model.config.hidden_size, model.config.input_size) == (2, 64, 8)
+    assert model.blocks[0].adaLN_modulation[1].weight.abs().sum() > 0  # not the identity adaLN-Zero start
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_what_one_does(tiny_pipeline, tmp_path):
+    """The real thing: `torchrun --nproc_per_node 2 -m treeq sample` over gloo equals one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, folder = tiny_pipeline
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    args = ["sample", "--model", str(folder), "--num-samples", "7", "--steps", "2", "--batch-size", "2",
+            "--quiet", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    subprocess.run([*torchrun, "-m", "treeq", *args, "--out", str(tmp_path / "two")], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "treeq", *args, "--out", str(tmp_path / "one")], env=env, check=True,
+                   timeout=300)
+    one, two = _samples(tmp_path / "one"), _samples(tmp_path / "two")
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
