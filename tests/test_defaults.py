@@ -66,3 +66,14 @@ def test_calibration_follows_the_model_defaults(tiny_latent_dit):
     assert len(t.unique()) == 4
     with pytest.raises(ValueError, match="1..4"):
         collect_calibration(tiny_latent_dit, num_images=2, num_timesteps=5)
+
+
+def test_info_shows_the_defaults(tiny_pipeline, capsys):
+    import json
+    from treeq.cli import main
+    _, folder = tiny_pipeline
+    assert main(["info", "--model", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sampling"]["sampler"] == "pipeline" and info["source"]["vae"].endswith("vae")
+    assert main(["info", "--model", str(folder)]) == 0
+    assert "with DDIMScheduler" in capsys.readouterr().out

@@ -169,3 +169,20 @@ def test_torchrun_two_processes_write_what_one_does(tiny_pipeline, tmp_path):
                    timeout=300)
     one, two = _samples(tmp_path / "one"), _samples(tmp_path / "two")
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+
+
+def test_inception_fid_without_its_extra_is_one_clear_line(tiny_pipeline, tmp_path, capsys):
+    try:
+        import torch_fidelity  # noqa: F401
+        pytest.skip("torch-fidelity is installed here")
+    except ImportError:
+        pass
+    _, folder = tiny_pipeline
+    out = str(tmp_path / "s")
+    assert main(["sample", "--model", str(folder), "--num-samples", "2", "--steps", "1", "--quiet", "--out", out]) == 0
+    weights = tmp_path / "inception.pth"
+    assert main(["eval", "--samples", out, "--inception-weights", str(weights), "--reference", out]) == 2
+    assert "no Inception weights" in capsys.readouterr().err
+    weights.write_bytes(b"not really")
+    assert main(["eval", "--samples", out, "--inception-weights", str(weights), "--reference", out]) == 2
+    assert "treeq[fid]" in capsys.readouterr().err

@@ -106,7 +106,8 @@ def cmd_init(args):
                               input_size=args.input_size, num_classes=args.num_classes, depth=args.depth,
                               hidden_size=args.hidden_size, num_heads=args.num_heads,
                               vae_channels=args.vae_channels)
-    print(f"random {args.size} ({args.format}) -> {written}")
+    kind = "AutoencoderKL" if args.size == "vae" else f"{args.size} ({args.format})"
+    print(f"random {kind} -> {written}")
     return 0
 
 
@@ -117,13 +118,18 @@ def cmd_info(args):
     macs = layer_macs(model)
     layers = quantizable_layers(model)
     params = sum(p.numel() for p in model.parameters())
-    info = {"config": model.config.to_dict(), "parameters": params, "quantizable_layers": len(layers),
+    from .diffusion.defaults import sampling_defaults
+    info = {"config": model.config.to_dict(), "sampling": sampling_defaults(model),
+            "source": getattr(model, "source", None), "parameters": params, "quantizable_layers": len(layers),
             "macs_per_image": sum(macs.values()),
             "layers": [{"name": n, "shape": list(model.get_submodule(n).weight.shape), "macs": macs[n]} for n in layers]}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     print(f"parameters {params:,}; {len(layers)} quantizable linears; {info['macs_per_image'] / 1e6:.1f} M MACs per image")
+    shown = {k: v for k, v in info["sampling"].items() if k != "scheduler"}
+    scheduler = info["sampling"]["scheduler"]
+    print(f"sampling defaults: {shown}" + (f" with {scheduler['_class_name']}" if scheduler else ""))
     for row in info["layers"]:
         print(f"  {row['name']:<28} {str(tuple(row['shape'])):<14} {row['macs'] / 1e6:8.3f} M MACs")
     return 0

@@ -55,7 +55,11 @@ def evaluate_folder(samples, inception_weights=None, reference=None):
         if not reference:
             raise ValueError("Inception FID needs --reference (an ADM reference .npz or a sample folder)")
         reference_images = read_samples(reference)[0]
-        result["inception_fid"] = inception_fid(from_uint8(images), from_uint8(reference_images), inception_weights)
+        try:
+            result["inception_fid"] = inception_fid(from_uint8(images), from_uint8(reference_images),
+                                                    inception_weights)
+        except ModuleNotFoundError as error:  # an expected failure: one line from the CLI, not a traceback
+            raise ValueError(f"{error} (pip install treeq[fid])") from None
         return result
     height, width, channels = images.shape[1:]
     if (height, width) != (32, 32) or labels is None:

@@ -35,8 +35,9 @@ def save_model(model, prefix):
     atomic_write(prefix.with_suffix(".json"), lambda p: p.write_text(config))
 
 
-def load_state_strict(model, state, source):
-    """Load `state` into `model` or raise naming every missing, unexpected and mis-shaped key."""
+def load_state_strict(model, state, source, assign=False):
+    """Load `state` into `model` or raise naming every missing, unexpected and mis-shaped key.
+    `assign`: the model takes `state`'s tensors instead of copying them (see build_loaded)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -49,8 +50,18 @@ def load_state_strict(model, state, source):
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
     return model
+
+
+def build_loaded(config, state, source):
+    """A DiT of `config` (eval mode) holding `state`'s tensors without a second copy: built on the meta
+    device (no random init of 675M weights) and handed the tensors, cast to float32 where they are not.
+    With a memory-mapped checkpoint, peak memory stays near one model's size."""
+    with torch.device("meta"):
+        model = DiT(config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return load_state_strict(model, state, source, assign=True).eval()
 
 
 def load_model(prefix):
@@ -72,7 +83,7 @@ def load_model(prefix):
         state = load_file(str(weights_path))
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    model = load_state_strict(DiT(config), state, weights_path).eval()
+    model = build_loaded(config, state, weights_path)
     if sampling is not None:  # else sampling_defaults infers them from the config
         try:
             set_sampling_defaults_(model, sampling)
@@ -89,7 +100,8 @@ def read_torch_checkpoint(path):
     try:
         # the official train.py also saves its argparse.Namespace under 'args'; allow just that class
         with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: tensors stay file-backed until used, so a 2.7 GB checkpoint is not held twice
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
@@ -114,7 +126,7 @@ def load_official(path, name=None, **overrides):
         if "pos_embed" in state and "input_size" not in overrides:
             tokens = state["pos_embed"].shape[1]
             config.input_size = int(round(tokens ** 0.5)) * config.patch_size
-    model = load_state_strict(DiT(config), state, path).eval()
+    model = build_loaded(config, state, path)
     return set_sampling_defaults_(model, OFFICIAL)
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from ..diffusion.defaults import OFFICIAL, pipeline_defaults, set_sampling_defaults_
-from .checkpoint import CheckpointError, load_state_strict, read_torch_checkpoint
+from .checkpoint import CheckpointError, build_loaded, read_torch_checkpoint
 from .diffusers_convert import config_from_diffusers, convert_diffusers_state_dict, embedders_differ
-from .dit import DiT
 
 _SINGLE = re.compile(r"diffusion_pytorch_model(?:\.(?P<variant>\w+))?\.(?P<format>safetensors|bin)$")
 _INDEX = re.compile(r"diffusion_pytorch_model\.(?P<format>safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$")
@@ -141,7 +140,7 @@ def load_diffusers(path, config_path=None, variant=None):
     config = config_from_diffusers(read_json(config_path))
     state = read_weights(files)
     config.per_block_embedders = embedders_differ(state, config.depth)
-    model = load_state_strict(DiT(config), convert_diffusers_state_dict(state, config), files[0]).eval()
+    model = build_loaded(config, convert_diffusers_state_dict(state, config), files[0])
     if pipeline["scheduler"] is not None:
         set_sampling_defaults_(model, pipeline_defaults(read_json(pipeline["scheduler"] / "scheduler_config.json")))
     else:
