@@ -7,7 +7,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from treeq.models.checkpoint import CheckpointError, load_model, load_official, save_model
-from treeq.models.diffusers_convert import config_from_diffusers, convert_diffusers_state_dict, load_diffusers
+from treeq.models.diffusers_convert import config_from_diffusers, convert_diffusers_state_dict
+from treeq.models.diffusers_load import load_diffusers
 from treeq.models.registry import config_for, create_model, model_names
 
 TINY_LATENT = dict(depth=2, hidden_size=64, num_heads=4)  # the overrides behind the tiny_latent_dit fixture
@@ -125,7 +126,7 @@ def test_diffusers_diverged_block_embedders_are_refused(diffusers_dit):
     reference, _ = diffusers_dit
     state = reference.state_dict()
     state["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"] += 1.0
-    with pytest.raises(CheckpointError, match=r"transformer_blocks\.1\.norm1\.emb\.timestep_embedder"):
+    with pytest.raises(CheckpointError, match=r"per_block_embedders=True.*transformer_blocks\.1\.norm1\.emb\.timestep"):
         convert_diffusers_state_dict(state, config_from_diffusers(DIFFUSERS_TINY))
 
 

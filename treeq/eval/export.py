@@ -1,8 +1,10 @@
 """Writing samples to disk: ADM-suite `.npz` batches and PNG grids for a quick look.
 
-Both writes are atomic (temporary file, then rename), so an interrupted run never leaves a
-truncated file that a later evaluation would read.
+Every write is atomic (temporary file, then rename), so an interrupted run never leaves a
+truncated file that a later evaluation would read. Part files gather into one `.npz` by
+streaming, so 50K ImageNet samples never sit in memory at once.
 """
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +37,42 @@ def save_adm_npz(images, path):
     return Path(path)
 
 
+def save_adm_npz_parts(paths, path):
+    """One ADM `.npz` (arr_0: uint8 NHWC images, arr_1: labels) from part files holding `images` and
+    `labels`, streamed part by part into the archive's arr_0.npy."""
+    paths = [Path(p) for p in paths]
+    labels, shape = [], None
+    for part_path in paths:
+        with np.load(part_path) as part:
+            labels.append(part["labels"])
+            images = part["images"]
+            if images.dtype != np.uint8 or images.ndim != 4 or (shape is not None and images.shape[1:] != shape):
+                raise ValueError(f"{part_path}: images {images.dtype} {images.shape} do not match the other parts")
+            shape = images.shape[1:]
+    labels = np.concatenate(labels)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(labels), *shape)}
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for part_path in paths:
+                    with np.load(part_path) as part:
+                        member.write(np.ascontiguousarray(part["images"]).tobytes())
+            with archive.open("arr_1.npy", "w") as member:
+                np.lib.format.write_array(member, labels)
+
+    atomic_write(path, write)
+    return Path(path)
+
+
 def image_grid(images, nrow, padding=2):
-    """uint8 (rows * (H + padding) + padding, ...) RGB grid, `nrow` images per row, on white separators."""
+    """uint8 (rows * (H + padding) + padding, ...) RGB grid, `nrow` images per row, on white separators.
+    `images`: (N, C, H, W) floats in [-1, 1], or uint8 NHWC RGB as to_uint8 returns."""
     if nrow < 1:
         raise ValueError(f"nrow must be at least 1, got {nrow}")
-    pixels = to_uint8(images)
+    pixels = images if isinstance(images, np.ndarray) else to_uint8(images)
     count, height, width, _ = pixels.shape
     rows = -(-count // nrow)
     grid = np.full((rows * (height + padding) + padding, nrow * (width + padding) + padding, 3), 255, np.uint8)

@@ -1,10 +1,15 @@
-"""Optional Inception-v3 FID, for comparing with numbers reported on ImageNet-scale models.
+"""Optional Inception-v3 FID, for comparing with numbers reported on ImageNet-scale models, and the
+measuring of a sample folder written by `treeq sample`.
 
 Wraps torchmetrics' FrechetInceptionDistance with a local weights file (torch-fidelity's
 `pt_inception-2015-12-05-6726825d.pth`); nothing is downloaded. torchmetrics builds its Inception
-from torch-fidelity, which depends on torchvision, so this works only where both are installed.
+from torch-fidelity, which depends on torchvision, so this works only where both are installed
+(`pip install treeq[fid]`). Without them the ADM `.npz` is the interface: ADM's evaluator reads it.
 """
 from pathlib import Path
+
+import numpy as np
+import torch
 
 
 def _to_unit_rgb(images):
@@ -32,3 +37,34 @@ def inception_fid(images, reference_images, weights_path, batch_size=100):
     for batch in _to_unit_rgb(images).split(batch_size):
         metric.update(batch, real=False)
     return metric.compute().item()
+
+
+def from_uint8(pixels):
+    """uint8 NHWC -> (N, C, H, W) floats in [-1, 1] (the inverse of to_uint8 up to its truncation)."""
+    return (torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() - 127.5) / 127.5
+
+
+def evaluate_folder(samples, inception_weights=None, reference=None):
+    """Metrics of the images in a sample folder (or ADM .npz): Inception FID against `reference` when
+    weights are given; else, for testbed-sized digits, the reference-classifier metrics."""
+    from ..pipeline import read_samples
+
+    images, labels, _ = read_samples(samples)
+    result = {"num_samples": len(images)}
+    if inception_weights:
+        if not reference:
+            raise ValueError("Inception FID needs --reference (an ADM reference .npz or a sample folder)")
+        reference_images = read_samples(reference)[0]
+        try:
+            result["inception_fid"] = inception_fid(from_uint8(images), from_uint8(reference_images),
+                                                    inception_weights)
+        except ModuleNotFoundError as error:  # an expected failure: one line from the CLI, not a traceback
+            raise ValueError(f"{error} (pip install treeq[fid])") from None
+        return result
+    height, width, channels = images.shape[1:]
+    if (height, width) != (32, 32) or labels is None:
+        raise ValueError(f"no built-in metric for {height}x{width} samples: give --inception-weights and "
+                         "--reference, or run ADM's evaluator (python evaluator.py REF.npz SAMPLES.npz)")
+    from .metrics import evaluate
+    digits = from_uint8(images)[:, :1]  # the testbed's grey digits were written as three equal channels
+    return {**result, **evaluate(digits, torch.from_numpy(labels).long())}

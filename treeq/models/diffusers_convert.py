@@ -1,20 +1,16 @@
-"""Diffusers-format DiT weights (`DiTTransformer2DModel`) loaded into our DiT by key conversion.
+"""Diffusers-format DiT weights (`DiTTransformer2DModel`) converted to and from our DiT's keys.
 
 diffusers splits the fused qkv projection, keeps a copy of the timestep and class embedders
 in every block and renames the final layer; mapping its keys onto the official layout lets
-checkpoints from the Hub's DiT pipelines run through the same quantization code.
+checkpoints from the Hub's DiT pipelines run through the same quantization code. Folders and
+files are read in treeq.models.diffusers_load.
 """
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, load_state_strict, read_torch_checkpoint
-from .dit import DiT, DiTConfig, sincos_pos_embed_2d
+from .checkpoint import CheckpointError
+from .dit import DiTConfig, sincos_pos_embed_2d
 
 _CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # the Hub's DiT configs use the older name
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 # DiTTransformer2DModel's defaults, for configs written before a setting existed (norm_eps is absent
 # from the Hub's facebook/DiT-* configs, so their MLP norm runs at 1e-5).
@@ -88,11 +84,28 @@ def _key_map(depth):
     return pairs
 
 
+_EMBEDDER_NAMES = {  # ConditionEmbedder key -> CombinedTimestepLabelEmbeddings key
+    **{f"t_embedder.mlp.{2 * (n - 1)}.{s}": f"timestep_embedder.linear_{n}.{s}" for n in (1, 2) for s in ("weight", "bias")},
+    "y_embedder.embedding_table.weight": "class_embedder.embedding_table.weight",
+}
+
+
 def _embedder_copies(depth):
-    """Each later block's embedder key -> block 0's: diffusers keeps one copy per block, we keep one."""
-    names = [f"timestep_embedder.linear_{n}.{s}" for n in (1, 2) for s in ("weight", "bias")]
-    names.append("class_embedder.embedding_table.weight")
-    return {f"transformer_blocks.{i}.norm1.emb.{name}": _EMBEDDER + name for i in range(1, depth) for name in names}
+    """Each later block's embedder key -> block 0's: diffusers keeps one copy per block."""
+    return {f"transformer_blocks.{i}.norm1.emb.{name}": _EMBEDDER + name
+            for i in range(1, depth) for name in _EMBEDDER_NAMES.values()}
+
+
+def _block_embedder_map(depth):
+    """Our per-block embedder key -> its diffusers key (blocks 1..depth-1; block 0's is the shared pair)."""
+    return {f"block_embedders.{i}.{ours}": f"transformer_blocks.{i}.norm1.emb.{theirs}"
+            for i in range(1, depth) for ours, theirs in _EMBEDDER_NAMES.items()}
+
+
+def embedders_differ(state, depth):
+    """Whether any block's timestep/class embedder differs from block 0's (a DiT trained in diffusers)."""
+    return any(key in state and first in state and not torch.equal(state[key], state[first])
+               for key, first in _embedder_copies(depth).items())
 
 
 def _check_keys(state, needed):
@@ -118,68 +131,55 @@ def _join(state, keys):
 def convert_diffusers_state_dict(state, config):
     """Our state dict from a diffusers DiT one; CheckpointError naming missing, unexpected or diverged keys.
 
-    Our DiT shares one timestep/class embedder, so every block's copy must equal block 0's (as in
-    the Hub conversions of the official weights). The position embedding is a non-persistent buffer
-    in diffusers, absent from its files: ours is the same fixed sin-cos table, computed here.
+    With `config.per_block_embedders` off our DiT shares one timestep/class embedder, so every block's
+    copy must equal block 0's (as in the Hub conversions of the official weights); with it on, blocks
+    1.. keep theirs. The position embedding is a non-persistent buffer in diffusers, absent from its
+    files: ours is the same fixed sin-cos table, computed here.
     """
     key_map, copies = _key_map(config.depth), _embedder_copies(config.depth)
     _check_keys(state, {key for keys in key_map.values() for key in keys} | set(copies))
-    diverged = sorted(copy for copy, first in copies.items() if not torch.equal(state[copy], state[first]))
-    if diverged:
-        raise CheckpointError(f"per-block embedders differ from block 0's, which our DiT cannot share: "
-                              f"{', '.join(diverged[:8])}")
+    if config.per_block_embedders:
+        key_map.update({ours: [theirs] for ours, theirs in _block_embedder_map(config.depth).items()})
+    else:
+        diverged = sorted(copy for copy, first in copies.items() if not torch.equal(state[copy], state[first]))
+        if diverged:
+            raise CheckpointError(f"per-block embedders differ from block 0's (load with per_block_embedders=True): "
+                                  f"{', '.join(diverged[:8])}")
     converted = {ours: _join(state, theirs) for ours, theirs in key_map.items()}
     grid = config.input_size // config.patch_size
     converted["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, grid).unsqueeze(0)
     return converted
 
 
-def _locate(path, config_path):
-    """(weights file, config.json) for a transformer folder, a pipeline folder or a weights file."""
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.is_dir():
-        if (path / "transformer").is_dir():  # a saved DiTPipeline keeps the network in transformer/
-            path = path / "transformer"
-        found = [path / name for name in _WEIGHT_FILES if (path / name).exists()]
-        if not found:
-            raise FileNotFoundError(f"no diffusers weights in {path}: looked for {', '.join(_WEIGHT_FILES)}")
-        path, default_config = found[0], path / "config.json"
+def to_diffusers_state_dict(model):
+    """A diffusers DiTTransformer2DModel state dict of our `model`: the inverse of the conversion
+    above (qkv split, one embedder copy per block unless the model has its own per block)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    depth = model.config.depth
+    out = {}
+    for ours, theirs in _key_map(depth).items():
+        parts = state[ours].chunk(len(theirs)) if len(theirs) > 1 else [state[ours]]
+        out.update({key: part.contiguous() for key, part in zip(theirs, parts)})
+    if model.config.per_block_embedders:
+        out.update({theirs: state[ours].contiguous() for ours, theirs in _block_embedder_map(depth).items()})
     else:
-        default_config = path.parent / "config.json"
-    config_path = Path(config_path) if config_path is not None else default_config
-    if not config_path.exists():
-        raise FileNotFoundError(f"no such file: {config_path}")
-    return path, config_path
+        out.update({copy: out[first].clone() for copy, first in _embedder_copies(depth).items()})
+    return out
 
 
-def _read_config(path):
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not a JSON config: {error}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return config
-
-
-def _read_weights(path):
-    if path.suffix != ".safetensors":
-        return read_torch_checkpoint(path)
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
-
-
-def load_diffusers(path, config_path=None):
-    """Our DiT (eval mode) from diffusers DiT weights.
-
-    `path` is a transformer folder (config.json + diffusion_pytorch_model.safetensors or .bin), a saved
-    DiTPipeline folder, or a weights file whose config.json lies beside it unless `config_path` says
-    where. Never downloads: fetch Hub repositories yourself and pass the local folder.
-    """
-    weights_path, config_path = _locate(Path(path), config_path)
-    config = config_from_diffusers(_read_config(config_path))
-    state = convert_diffusers_state_dict(_read_weights(weights_path), config)
-    return load_state_strict(DiT(config), state, weights_path).eval()
+def diffusers_config(config):
+    """The DiTTransformer2DModel config.json (a dict) of our DiTConfig; CheckpointError if diffusers'
+    DiT would compute something else (it fixes the timestep frequency shift and the norm eps)."""
+    if config.freq_shift != 1.0 or config.norm_eps != 1e-6 or not config.class_dropout_prob > 0:
+        raise CheckpointError("diffusers' DiT needs freq_shift=1.0, norm_eps=1e-6 and a null class; "
+                              "build the model from config_from_diffusers(...) to export it")
+    return {
+        "_class_name": _CLASS_NAMES[0], "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.hidden_size // config.num_heads, "in_channels": config.in_channels,
+        "out_channels": config.in_channels * (2 if config.learn_sigma else 1), "num_layers": config.depth,
+        "dropout": 0.0, "norm_num_groups": 32, "attention_bias": True, "sample_size": config.input_size,
+        "patch_size": config.patch_size, "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": config.num_classes, "upcast_attention": False, "norm_type": "ada_norm_zero",
+        "norm_elementwise_affine": False,
+        "norm_eps": config.norm_eps if config.mlp_norm_eps is None else config.mlp_norm_eps,
+    }

@@ -4,7 +4,9 @@ Module names follow the official code (`x_embedder`, `t_embedder`, `y_embedder`,
 `blocks.i.attn.qkv`, `blocks.i.adaLN_modulation.1`, `final_layer`) so official
 checkpoints load by key and bit configurations read like the paper. Besides the
 usual forward, the network runs a slice of its blocks (`embed`, `run_blocks`,
-`head`) so a search can start an evaluation where the changed layers begin.
+`head`) so a search can start an evaluation where the changed layers begin. With
+`per_block_embedders`, blocks 1.. get their own embedders (`block_embedders.i`), outside
+`blocks` so they stay out of the quantizable layers, and the conditioning is (N, depth, D).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -29,6 +31,9 @@ class DiTConfig:
     freq_shift: float = 0.0       # diffusers' DiT divides frequencies by (half - 1): freq_shift = 1
     norm_eps: float = 1e-6
     mlp_norm_eps: float | None = None  # eps of the norm before the MLP; None = norm_eps (diffusers' DiT: 1e-5)
+    # One timestep + class embedder per block, as diffusers' DiTTransformer2DModel holds (a DiT trained
+    # natively in diffusers learns them apart). Off: the official single pair, `t_embedder`/`y_embedder`.
+    per_block_embedders: bool = False
 
     def to_dict(self):
         return asdict(self)
@@ -100,6 +105,19 @@ class LabelEmbedder(nn.Module):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
+
+
+class ConditionEmbedder(nn.Module):
+    """A timestep and a class embedder for one block (diffusers keeps one pair per block)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.t_embedder = TimestepEmbedder(config.hidden_size, freq_shift=config.freq_shift)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
+
+    def forward(self, t, labels):
+        """labels already carry any dropped (null) classes."""
+        return self.t_embedder(t) + self.y_embedder.embedding_table(labels)
 
 
 class Attention(nn.Module):
@@ -178,6 +196,8 @@ class DiT(nn.Module):
             for _ in range(config.depth)
         ])
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels, config.norm_eps)
+        if config.per_block_embedders:  # block 0 (and the final layer) read t_embedder/y_embedder
+            self.block_embedders = nn.ModuleDict({str(i): ConditionEmbedder(config) for i in range(1, config.depth)})
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -195,6 +215,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for embedder in getattr(self, "block_embedders", {}).values():
+            nn.init.normal_(embedder.y_embedder.embedding_table.weight, std=0.02)
+            nn.init.normal_(embedder.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -212,19 +236,24 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def embed(self, x, t, y, force_drop_ids=None):
-        """Inputs to (tokens, conditioning): what block 0 receives."""
+        """Inputs to (tokens, conditioning): what block 0 receives. The conditioning is (N, D), or
+        (N, depth, D) with per-block embedders (row i for block i)."""
         tokens = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
-        return tokens, c
+        if not self.config.per_block_embedders:
+            return tokens, self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        if (self.training and self.y_embedder.dropout_prob > 0) or force_drop_ids is not None:
+            y = self.y_embedder.token_drop(y, force_drop_ids)  # one draw shared by every block's embedder
+        first = self.t_embedder(t) + self.y_embedder.embedding_table(y)
+        return tokens, torch.stack([first, *(embedder(t, y) for embedder in self.block_embedders.values())], dim=1)
 
     def run_blocks(self, tokens, c, start=0, end=None):
         """Blocks start..end-1 on hidden tokens: a slice of the network for segment-wise evaluation."""
-        for block in self.blocks[start:end]:
-            tokens = block(tokens, c)
+        for index in range(len(self.blocks))[start:end]:
+            tokens = self.blocks[index](tokens, c[:, index] if c.dim() == 3 else c)
         return tokens
 
     def head(self, tokens, c):
-        return self.unpatchify(self.final_layer(tokens, c))
+        return self.unpatchify(self.final_layer(tokens, c[:, 0] if c.dim() == 3 else c))
 
     def forward(self, x, t, y, force_drop_ids=None):
         """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W)."""

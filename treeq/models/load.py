@@ -12,11 +12,12 @@ from .checkpoint import load_model, load_official
 def load(spec):
     """A DiT in eval mode from `spec` (see module docstring)."""
     if spec == "default":
-        from ..testbed import WEIGHTS
-        return load_model(WEIGHTS)
+        from ..diffusion.defaults import set_sampling_defaults_
+        from ..testbed import TESTBED, WEIGHTS
+        return set_sampling_defaults_(load_model(WEIGHTS), TESTBED)
     path = Path(spec)
     if path.is_dir():
-        from .diffusers_convert import load_diffusers
+        from .diffusers_load import load_diffusers
         return load_diffusers(path)
     if path.suffix in (".pt", ".pth", ".bin"):
         return load_official(path)

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .. import testbed
 from ..io import atomic_write
+from ..diffusion.defaults import sampling_defaults
 from ..diffusion.sampling import balanced_labels, sample
 
 DEFAULT_CACHE = Path("runs") / "calibration"
+# Part of every cache key: bump it when the collection changes (2: per-sample noise seeds), so a
+# cache written by older code is never read as this code's set.
+COLLECTION_VERSION = 2
 
 
 def model_fingerprint(model):
@@ -31,7 +34,7 @@ def model_fingerprint(model):
 def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, **sampling):
     """(x_t, t, y) at `num_timesteps` evenly spaced steps of the sampling trajectories of
     `num_images` images (labels balanced). With guidance each kept step adds 2 * num_images rows."""
-    settings = {**testbed.SAMPLING, **sampling}
+    settings = {**sampling_defaults(model), **sampling}
     if not 1 <= num_timesteps <= settings["steps"]:
         raise ValueError(f"num_timesteps must be in 1..{settings['steps']} (the sampler's steps), got {num_timesteps}")
     keep = set(torch.linspace(0, settings["steps"] - 1, num_timesteps).round().long().tolist())
@@ -49,7 +52,8 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, **sam
 
 def load_or_collect(model, cache_dir=DEFAULT_CACHE, **options):
     """`collect_calibration(model, **options)`, read from / written to a cache file keyed by both."""
-    key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    keyed = {**options, "collection_version": COLLECTION_VERSION}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     path = Path(cache_dir) / f"{model_fingerprint(model)}-{key}.pt"
     if path.exists():
         return tuple(torch.load(path, weights_only=True))
