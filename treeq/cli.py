@@ -140,7 +140,10 @@ def cmd_export(args):
 def cmd_bench(args):
     if args.which == "kernels":
         from .bench.kernels import bench_kernels
-        rows = bench_kernels()
+        rows = bench_kernels(seed=args.seed)
+    elif args.which == "deploy":  # its own sample counts (64 testbed images, 8 DiT-XL/2 ones): --num-samples is fp/ptq's
+        from .bench.deploy import bench_deploy
+        rows = bench_deploy(seed=args.seed)
     elif args.which == "fp":
         from .bench.fp import bench_fp
         rows = bench_fp(args.num_samples, args.seed)
@@ -220,7 +223,7 @@ def build_parser():
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("which", choices=("fp", "ptq", "kernels"))
+    bench.add_argument("which", choices=("fp", "ptq", "kernels", "deploy"))
     bench.add_argument("--num-samples", type=_positive_int, default=500)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true")

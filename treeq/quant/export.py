@@ -36,7 +36,7 @@ _FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
 # How each input transform and branch is described in the JSON and rebuilt (its tensors travel in
 # the safetensors file under `<layer>.input_transform.*` / `<layer>.branch.*`).
 _TRANSFORMS = {
-    "hadamard": (HadamardTransform, lambda module: {"width": module.width, "block_size": module.block.shape[0]},
+    "hadamard": (HadamardTransform, lambda module: {"width": module.width, "block_size": module.size},
                  lambda spec, layer: HadamardTransform(spec["width"])),
     "smooth": (SmoothTransform, lambda module: {},
                lambda spec, layer: SmoothTransform(torch.ones(layer["in_features"]))),
@@ -244,9 +244,9 @@ def _install_layer(model, name, layer, state, source):
         raise CheckpointError(f"{source}: layer {name} cannot be rebuilt: {error}") from None
     state[name + ".weight_codes"] = codes.view(layer["out_features"], layer["in_features"])
     transform = module.input_transform
-    if isinstance(transform, HadamardTransform) and transform.block.shape[0] != layer["input_transform"]["block_size"]:
+    if isinstance(transform, HadamardTransform) and transform.size != layer["input_transform"]["block_size"]:
         raise CheckpointError(f"{source}: layer {name} was rotated with Hadamard blocks of "
-                              f"{layer['input_transform']['block_size']}, this TreeQ builds {transform.block.shape[0]}")
+                              f"{layer['input_transform']['block_size']}, this TreeQ builds {transform.size}")
     setattr(parent, child, module)
 
 

@@ -48,28 +48,35 @@ def hadamard_block_size(width):
 class HadamardTransform(nn.Module):
     """x -> x @ blockdiag(H, ..., H) over the last dimension.
 
-    `block` is the dense H (what folding into a weight uses); for blocks above DENSE_MAX the forward
-    computes the same product as a fast Walsh-Hadamard transform over `hadamard_factors(block size)`,
-    equal to float rounding.
+    `block` is the dense H (what folding into a weight uses). Blocks up to DENSE_MAX rotate with it; larger
+    ones hold only the small factors and compute the same product as a fast Walsh-Hadamard transform over
+    `hadamard_factors(block size)`, equal to float rounding.
     """
 
     def __init__(self, width, *, device=None, dtype=torch.float32):
         super().__init__()
-        self.width = width
-        size = hadamard_block_size(width)
-        # Not persistent: they are functions of the width, so state dicts stay free of them.
-        self.register_buffer("block", hadamard_matrix(size, dtype=dtype, device=device), persistent=False)
-        self.factors = hadamard_factors(size)
+        self.width, self.size = width, hadamard_block_size(width)
+        self.factors = [] if self.size <= DENSE_MAX else hadamard_factors(self.size)
+        # Not persistent: they are functions of the width, so state dicts stay free of them. Shared between
+        # layers of one width (a model's buffers() counts them once).
+        if not self.factors:
+            self.register_buffer("matrix", _shared_hadamard(self.size, dtype, device), persistent=False)
         for index, factor in enumerate(self.factors):
-            self.register_buffer(f"factor{index}", hadamard_matrix(factor, dtype=dtype, device=device),
-                                 persistent=False)
+            self.register_buffer(f"factor{index}", _shared_hadamard(factor, dtype, device), persistent=False)
+
+    @property
+    def block(self):
+        """The dense (size, size) block matrix."""
+        if not self.factors:
+            return self.matrix
+        return hadamard_matrix(self.size, dtype=self.factor0.dtype, device=self.factor0.device)
 
     def forward(self, x):
-        size = self.block.shape[0]
+        size = self.size
         if size == 1:
             return x
-        if size <= DENSE_MAX:
-            return (x.unflatten(-1, (-1, size)) @ self.block.to(x.dtype)).flatten(-2)
+        if not self.factors:
+            return (x.unflatten(-1, (-1, size)) @ self.matrix.to(x.dtype)).flatten(-2)
         # The block of H_a (x) H_b (x) ... on a feature vector viewed as an (a, b, ...) array applies H_a
         # along axis a, H_b along b, ...: apply the last factor over the last axis, then move that axis to
         # the front of the block, once per factor, and the axes are back in order.
@@ -85,11 +92,20 @@ class HadamardTransform(nn.Module):
     def macs_per_token(self):
         """Multiply-accumulates of one token's rotation: the block size per feature when dense, else each
         factor f of the fast transform costs f per feature."""
-        size = self.block.shape[0]
-        return 0 if size == 1 else self.width * (size if size <= DENSE_MAX else sum(self.factors))
+        return 0 if self.size == 1 else self.width * (sum(self.factors) or self.size)
 
     def extra_repr(self):
-        return f"width={self.width}, block={self.block.shape[0]}"
+        return f"width={self.width}, block={self.size}"
+
+
+_MATRICES = {}
+
+
+def _shared_hadamard(size, dtype, device):
+    key = (size, dtype, str(torch.device(device or "cpu")))
+    if key not in _MATRICES:
+        _MATRICES[key] = hadamard_matrix(size, dtype=dtype, device=device)
+    return _MATRICES[key]
 
 
 def rotate_linear_(layer):
