@@ -119,3 +119,16 @@ def test_load_config_checks_the_form(tmp_path):
         load_config(path)
     with pytest.raises(ValueError, match="a_bits"):
         save_config({"blocks.0.attn.qkv": {"w_bits": 4, "a_bits": 0}}, tmp_path / "other.json")
+
+
+def test_overhead_macs_count_transforms_and_branches(tiny_dit):
+    from treeq.bits import layer_overhead_macs
+    from treeq.quant.apply import quantize
+    from treeq.quant.recipe import Recipe
+    assert set(layer_overhead_macs(tiny_dit).values()) == {0}
+    model = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4),
+                     Recipe(methods=["smooth", "lowrank"], method_options={"lowrank": {"rank": 2}}),
+                     calibration=(torch.randn(2, 1, 32, 32), torch.tensor([3, 900]), torch.tensor([1, 2])))
+    overhead, tokens = layer_overhead_macs(model), 64
+    assert overhead["blocks.0.attn.qkv"] == tokens * (64 + 2 * (64 + 192))  # smoothing + rank-2 branch per token
+    assert overhead["blocks.0.adaLN_modulation.1"] == 64 + 2 * (64 + 384)  # once per image

@@ -212,3 +212,30 @@ def test_exported_models_answer_the_bit_config_helpers(tiny_dit, tmp_path):
     set_bits_(loaded, config)  # the bits it holds: accepted
     with pytest.raises(ValueError, match="holds codes at one bit-width"):
         set_bits_(loaded, uniform_config(tiny_dit, 8, 8))
+
+
+def test_smoothing_folds_into_adaLN_and_qkv_at_load(tiny_dit, tmp_path):
+    """qkv and fc1 smoothing divide adaLN's shift and 1 + scale rows, proj's the v rows of qkv; fc2's stays."""
+    from treeq.quant.fold import transform_macs
+    from treeq.quant.smooth import SmoothTransform
+    calibration = (*_inputs()[:2], torch.tensor([1, 2, 10]))
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 8, 8), Recipe(methods=["smooth"]), calibration=calibration)
+    export(quantized, tmp_path / "model", scale_dtype=torch.float32)
+    unfolded, folded = load_exported(tmp_path / "model", fold=False), load_exported(tmp_path / "model")
+    block = folded.blocks[0]
+    assert block.attn.qkv.input_transform is None and block.mlp.fc1.input_transform is None
+    assert block.attn.proj.input_transform is None
+    assert isinstance(block.mlp.fc2.input_transform, SmoothTransform)
+    assert transform_macs(block.mlp.fc2) == 256 and transform_macs(block.attn.qkv) == 0
+    assert transform_macs(unfolded.blocks[0].attn.qkv) == 64
+    assert _relative_error(quantized, folded) < FP32_SCALE_TOLERANCE
+    assert _relative_error(unfolded, folded) < FP32_SCALE_TOLERANCE
+
+
+def test_loaded_layers_are_deployed(tiny_dit, tmp_path):
+    export(quantize(tiny_dit, uniform_config(tiny_dit, 4, 4)), tmp_path / "model")
+    packed = load_exported(tmp_path / "model", backend="int_mm", resident="packed")
+    plain = load_exported(tmp_path / "model", backend=None)
+    assert packed.blocks[0].mlp.fc1.kernels is not None and plain.blocks[0].mlp.fc1.kernels is None
+    assert packed.blocks[0].mlp.fc1.resident_bytes() < plain.blocks[0].mlp.fc1.resident_bytes()
+    assert _relative_error(plain, packed) < 1e-6

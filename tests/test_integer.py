@@ -9,7 +9,7 @@ from treeq.branches.lowrank import LowRankBranch
 from treeq.quant.integer import IntLinear, int_matmul
 from treeq.quant.linear import QuantLinear
 from treeq.quant.quantizers import quantize_activation_per_token
-from treeq.quant.rotation import rotate_linear_
+from treeq.quant.rotation import DENSE_MAX, HadamardTransform, hadamard_factors, rotate_linear_
 from treeq.quant.smooth import smooth_linear_
 
 TOLERANCE = 1e-5
@@ -120,8 +120,33 @@ def test_bad_group_size():
         IntLinear(64, 8, w_bits=4, a_bits=4, group_size=24)
 
 
-def test_bench_kernels_rows():
-    rows = bench_kernels(shapes=(("tiny", 17, 16, 8),), bits=(8, 4), repeats=1)
-    assert [row["bits"] for row in rows] == ["W8A8", "W4A4"]
+def test_bench_kernels_rows(capsys):
+    rows = bench_kernels(shapes=(("tiny", 17, 32, 8),), settings=(("W8A8", "rtn"), ("W4A4", "hadamard")), repeats=2)
+    assert {"shape", "bits", "backend", "speedup_vs_fp32", "bf16_speedup_vs_fp32", "dynamic_int8_speedup_vs_fp32",
+            "resident_bytes_ratio_vs_fp32"} <= set(rows[0])
+    assert "cpu" in capsys.readouterr().err  # the machine header
+    w4 = [row for row in rows if row["bits"] == "W4A4"]
+    chosen = [row for row in w4 if row["chosen"]]
+    assert [row["backend"].endswith("+packed") for row in chosen] == [False, True]
+    assert chosen[1]["resident_bytes_ratio_vs_fp32"] < chosen[0]["resident_bytes_ratio_vs_fp32"]
+    assert all(row["transform_macs_ratio"] > 0 for row in w4)  # the rotation is part of a W4A4 layer
     assert all(row["speedup_vs_fp32"] > 0 and row["threads"] == torch.get_num_threads() for row in rows)
-    assert rows[1]["size_ratio_vs_fp32"] == (16 * 8 // 2 + 2 * 8) / (4 * 16 * 8)
+
+
+@pytest.mark.parametrize("width", [96, 1536, 2048 * 3])
+def test_fast_hadamard_equals_the_dense_block(width):
+    """Blocks of 32 (one factor), 512 (32 x 16) and 2048 (16 x 16 x 8): the fast path, with the dense
+    block matrix that folding uses as the reference."""
+    transform = HadamardTransform(width)
+    x = _tokens(2, 3, width)
+    size = transform.block.shape[0]
+    dense = (x.unflatten(-1, (-1, size)) @ transform.block).flatten(-2)
+    assert torch.allclose(transform(x), dense, atol=1e-5)
+    assert transform.macs_per_token() < width * size or size <= DENSE_MAX
+
+
+def test_hadamard_factors_multiply_to_the_block():
+    for exponent in range(13):
+        factors = hadamard_factors(2 ** exponent)
+        assert torch.tensor(factors, dtype=torch.long).prod().item() == 2 ** exponent
+        assert all(factor <= 32 for factor in factors)

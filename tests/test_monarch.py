@@ -79,7 +79,7 @@ def test_parameter_count_formula():
     branch = MonarchBranch(300, 1000, 7, 26, 3)
     assert branch.parameter_count() == 3 * (26 * 301 + 7 * 1014)
     assert branch.parameter_count() == sum(p.numel() for p in branch.parameters())
-    assert branch.flops_per_token() == branch.parameter_count()
+    assert branch.macs_per_token() == branch.parameter_count()
     assert "k_in=7, k_out=26, rank=3" in repr(branch)
 
 

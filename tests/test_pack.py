@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from treeq.quant.pack import pack, packed_size, unpack
+from treeq.quant.pack import pack, pack_planes, packed_size, planes_size, unpack, unpack_planes
 
 
 def _random_codes(bits, numel, signed):
@@ -67,3 +67,21 @@ def test_wrong_packed_length():
         unpack(torch.zeros(1, dtype=torch.uint8), 4, 4)
     with pytest.raises(ValueError, match="flat uint8"):
         unpack(torch.zeros(2, dtype=torch.int8), 4, 4)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("numel", [2, 7, 8, 9, 1001])
+def test_planes_round_trip_at_b_bits_per_code(bits, numel):
+    codes = _random_codes(bits, numel, signed=True)
+    planes = pack_planes(codes, bits)
+    assert planes.dtype == torch.uint8 and planes.numel() == planes_size(numel, bits)
+    assert planes_size(numel, bits) <= packed_size(numel, bits) + 3  # at most a byte of padding per plane
+    assert torch.equal(unpack_planes(planes, bits, numel).long(), codes)
+    out = torch.empty(numel, dtype=torch.int8)
+    assert unpack_planes(planes, bits, numel, out=out) is not None and torch.equal(out.long(), codes)
+
+
+def test_four_bit_planes_are_two_codes_per_byte():
+    assert planes_size(1000, 4) == 500 and planes_size(1000, 3) == 250 + 125
+    with pytest.raises(ValueError, match="plane bytes"):
+        unpack_planes(torch.zeros(3, dtype=torch.uint8), 4, 1000)

@@ -53,13 +53,24 @@ def layer_macs(model):
 
     Token-wise linears run once per token; adaLN modulation runs once per image on the conditioning.
     """
+    return _per_image(model, lambda layer: layer.in_features * layer.out_features)
+
+
+def layer_overhead_macs(model):
+    """Floating-point multiply-accumulates per image that each layer adds beside its quantized GEMM: its
+    online input transform and its full-precision branch (each module's `macs_per_token()`).
+
+    Kept apart from layer_macs, the BOPs axis: this work runs in float whatever the layer's bits."""
+    return _per_image(model, lambda layer: sum(
+        module.macs_per_token() for module in (getattr(layer, "input_transform", None), getattr(layer, "branch", None))
+        if module is not None))
+
+
+def _per_image(model, per_token):
+    """{layer: per_token(layer) x the rows it runs on per image}: tokens, or 1 for adaLN's conditioning."""
     tokens = (model.config.input_size // model.config.patch_size) ** 2
-    macs = {}
-    for name in quantizable_layers(model):
-        layer = model.get_submodule(name)
-        per_token = layer.in_features * layer.out_features
-        macs[name] = per_token if "adaLN_modulation" in name else tokens * per_token
-    return macs
+    return {name: per_token(model.get_submodule(name)) * (1 if "adaLN_modulation" in name else tokens)
+            for name in quantizable_layers(model)}
 
 
 def layer_weight_sizes(model):

@@ -130,30 +130,35 @@ def cmd_init(args):
 
 
 def cmd_info(args):
-    from .bits import layer_macs, quantizable_layers
+    from .bits import layer_macs, layer_overhead_macs, quantizable_layers
+    from .diffusion.defaults import sampling_defaults
 
     model = _load(args)
-    macs = layer_macs(model)
+    macs, overhead = layer_macs(model), layer_overhead_macs(model)
     layers = {name: model.get_submodule(name) for name in quantizable_layers(model)}
     params = sum(p.numel() for p in model.parameters())
-    from .diffusion.defaults import sampling_defaults
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     info = {"config": model.config.to_dict(), "sampling": sampling_defaults(model),
-            "source": getattr(model, "source", None), "parameters": params, "quantizable_layers": len(layers),
-            "macs_per_image": sum(macs.values()),
+            "source": getattr(model, "source", None), "parameters": params, "state_mb": state_bytes / 2 ** 20,
+            "quantizable_layers": len(layers), "macs_per_image": sum(macs.values()),
+            "overhead_macs_per_image": sum(overhead.values()),
             "layers": [{"name": name, "shape": [layer.out_features, layer.in_features], "macs": macs[name],
-                        "w_bits": getattr(layer, "w_bits", 32), "a_bits": getattr(layer, "a_bits", 32)}
+                        "overhead_macs": overhead[name], "w_bits": getattr(layer, "w_bits", 32),
+                        "a_bits": getattr(layer, "a_bits", 32)}
                        for name, layer in layers.items()]}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"parameters {params:,}; {len(layers)} quantizable linears; {info['macs_per_image'] / 1e6:.1f} M MACs per image")
+    print(f"parameters {params:,} ({info['state_mb']:.2f} MB held); {len(layers)} quantizable linears; "
+          f"{info['macs_per_image'] / 1e6:.1f} M GEMM MACs per image + {info['overhead_macs_per_image'] / 1e6:.2f} M "
+          "in transforms and branches")
     shown = {k: v for k, v in info["sampling"].items() if k != "scheduler"}
     scheduler = info["sampling"]["scheduler"]
     print(f"sampling defaults: {shown}" + (f" with {scheduler['_class_name']}" if scheduler else ""))
     for row in info["layers"]:
-        print(f"  {row['name']:<28} {str(tuple(row['shape'])):<14} {row['macs'] / 1e6:8.3f} M MACs")
+        print(f"  {row['name']:<28} {str(tuple(row['shape'])):<14} W{row['w_bits']}A{row['a_bits']:<3} "
+              f"{row['macs'] / 1e6:8.3f} M MACs  +{row['overhead_macs'] / 1e6:.3f} M")
     return 0
-
 
 def cmd_quantize(args):
     from .bits import average_bits
@@ -197,23 +202,23 @@ def cmd_export(args):
     return 0
 
 
+# name -> (module of treeq.bench, function, its keyword arguments from the flags)
+_BENCHES = {
+    "fp": ("fp", "bench_fp", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
+    "ptq": ("ptq", "bench_ptq", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
+                                           "settings": tuple(a.settings.split(","))}),
+    "recipes": ("ptq", "bench_output_error", lambda a: {}),
+    "search": ("search", "bench_search", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
+    "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
+    # its own sample counts (64 testbed images, 8 DiT-XL/2 ones)
+    "deploy": ("deploy", "bench_deploy", lambda a: {"seed": a.seed}),
+}
+
+
 def cmd_bench(args):
-    if args.which == "kernels":
-        from .bench.kernels import bench_kernels
-        rows = bench_kernels()
-    elif args.which == "fp":
-        from .bench.fp import bench_fp
-        rows = bench_fp(args.num_samples, args.seed)
-    elif args.which == "search":
-        from .bench.search import bench_search
-        rows = bench_search(num_samples=args.num_samples, seed=args.seed)
-    elif args.which == "recipes":
-        from .bench.ptq import bench_output_error
-        rows = bench_output_error()
-    else:
-        from .bench.ptq import bench_ptq
-        rows = bench_ptq(args.num_samples, args.seed, settings=tuple(args.settings.split(",")))
-    _print(rows, args.json)
+    from importlib import import_module
+    module, function, arguments = _BENCHES[args.which]
+    _print(getattr(import_module(f"treeq.bench.{module}"), function)(**arguments(args)), args.json)
     return 0
 
 
@@ -377,7 +382,7 @@ def build_parser():
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("which", choices=("fp", "ptq", "recipes", "search", "kernels"))
+    bench.add_argument("which", choices=tuple(_BENCHES))
     bench.add_argument("--num-samples", type=_positive_int, default=500)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--settings", default="W8A8,W4A8,W4A4,W3A3",

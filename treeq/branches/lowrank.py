@@ -39,6 +39,9 @@ class LowRankBranch(nn.Module):
     def parameter_count(self):
         return self.down.weight.numel() + self.up.weight.numel()
 
+    def macs_per_token(self):
+        return self.parameter_count()
+
     def describe(self):
         """Constructor options beyond the shape (what an export records)."""
         return {"rank": self.down.out_features}

@@ -111,7 +111,7 @@ class MonarchBranch(nn.Module):
         """rank * (k_out * n_pad + k_in * m_pad)."""
         return self.rank * (self.k_out * self.k_in * self.block_in + self.k_in * self.k_out * self.block_out)
 
-    def flops_per_token(self):
+    def macs_per_token(self):
         """Multiply-accumulates per token of forward: each parameter is used once per token."""
         return self.parameter_count()
 

@@ -3,7 +3,9 @@
 `export` writes a folder: `packed.safetensors` (each quantized linear's weight codes packed at its
 own bits, fp16 scales, bias, input-transform and branch tensors; every other parameter in its float
 dtype) and `packed.json` (model config, bit configuration, per-layer quantizer settings, format
-version, checksum). `load_exported` rebuilds the DiT with IntLinear layers that run integer GEMMs.
+version, checksum). `load_exported` rebuilds the DiT with IntLinear layers that run integer GEMMs,
+folds what smoothing the graph allows into adaLN and qkv, and deploys each layer on the fastest exact
+backend of the machine.
 """
 import hashlib
 import json
@@ -18,6 +20,7 @@ from ..bits import is_full_precision
 from ..branches import BRANCHES
 from ..models.checkpoint import CheckpointError, load_state_strict
 from ..models.dit import DiT, DiTConfig
+from .fold import fold_smoothing_
 from .integer import IntLinear
 from .linear import QuantLinear
 from .pack import pack, unpack
@@ -33,7 +36,7 @@ _FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
 # How each input transform and branch is described in the JSON and rebuilt (its tensors travel in
 # the safetensors file under `<layer>.input_transform.*` / `<layer>.branch.*`).
 _TRANSFORMS = {
-    "hadamard": (HadamardTransform, lambda module: {"width": module.width, "block_size": module.block.shape[0]},
+    "hadamard": (HadamardTransform, lambda module: {"width": module.width, "block_size": module.size},
                  lambda spec, layer: HadamardTransform(spec["width"])),
     "smooth": (SmoothTransform, lambda module: {},
                lambda spec, layer: SmoothTransform(torch.ones(layer["in_features"]))),
@@ -71,8 +74,13 @@ def export(model, path, *, scale_dtype=torch.float16):
     _write_pair(_paths(path), {key: value.detach().contiguous().cpu() for key, value in tensors.items()}, meta)
 
 
-def load_exported(path):
-    """The inference DiT of a packed export folder (or either of its files): IntLinear layers, the rest strict."""
+def load_exported(path, *, backend="auto", resident="prepacked", fold=True):
+    """The inference DiT of a packed export folder (or either of its files): IntLinear layers, the rest strict.
+
+    fold: fold smoothing transforms into the op before them (quant/fold.py). backend / resident: where
+    each IntLinear's GEMM runs and how its weight is held (IntLinear.deploy_); backend=None leaves the
+    layers undeployed (int8 codes, torch._int_mm).
+    """
     weights_path, meta_path = _paths(path)
     for file in (meta_path, weights_path):
         if not file.exists():
@@ -85,7 +93,14 @@ def load_exported(path):
         raise CheckpointError(f"{meta_path} holds no valid DiT config: {error}") from None
     for name, layer in meta["layers"].items():
         _install_layer(model, name, layer, state, meta_path)
-    return load_state_strict(model, state, weights_path).eval()
+    model = load_state_strict(model, state, weights_path).eval()
+    if fold:
+        fold_smoothing_(model)
+    if backend is not None:
+        for module in model.modules():
+            if isinstance(module, IntLinear):
+                module.deploy_(backend, resident)
+    return model
 
 
 def _export_layer(name, module, tensors, scale_dtype):
@@ -229,9 +244,9 @@ def _install_layer(model, name, layer, state, source):
         raise CheckpointError(f"{source}: layer {name} cannot be rebuilt: {error}") from None
     state[name + ".weight_codes"] = codes.view(layer["out_features"], layer["in_features"])
     transform = module.input_transform
-    if isinstance(transform, HadamardTransform) and transform.block.shape[0] != layer["input_transform"]["block_size"]:
+    if isinstance(transform, HadamardTransform) and transform.size != layer["input_transform"]["block_size"]:
         raise CheckpointError(f"{source}: layer {name} was rotated with Hadamard blocks of "
-                              f"{layer['input_transform']['block_size']}, this TreeQ builds {transform.block.shape[0]}")
+                              f"{layer['input_transform']['block_size']}, this TreeQ builds {transform.size}")
     setattr(parent, child, module)
 
 

@@ -1,8 +1,10 @@
 """The integer inference path of a quantized linear: int8 x int8 -> int32 GEMM, rescaled once.
 
-What an exported TreeQ checkpoint runs. Weight codes are held in int8 (unpacked once at load),
-inputs are quantized per token at run time exactly as QuantLinear's fake quantization rounds
-them, and `torch._int_mm` does the multiply-accumulate; only the float rounding order differs.
+What an exported TreeQ checkpoint runs. Inputs are quantized per token at run time exactly as
+QuantLinear's fake quantization rounds them and an exact integer GEMM does the multiply-accumulate;
+only the float rounding order differs. A fresh layer holds int8 codes and runs `torch._int_mm`;
+`deploy_` moves its weight behind the fastest exact backend of the machine (quant/backends.py),
+prepacked or held as b-bit planes.
 """
 import copy
 
@@ -11,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bits import QUANTIZED_BITS, check_bits, is_full_precision
+from .backends import RESIDENT, WeightKernel, choose_backend
 from .linear import ACTIVATION_QUANTIZERS
+from .pack import pack_planes, unpack_planes
 from .quantizers import QuantizedWeight, check_weight_options, code_range, dequantize_weight, token_quant_params
 
 # torch._int_mm on CUDA (cuBLAS) wants more than 16 rows and K, N multiples of 8; the CPU kernel
@@ -33,7 +37,7 @@ def int_matmul(a, b):
     return out[:m, :n] if pad_m or pad_n else out
 
 
-def _to_float_in_place(accumulator):
+def to_float_in_place(accumulator):
     """int32 -> float32 in the same memory (4 bytes each; an elementwise copy reads each element before
     writing it): no second M x N buffer to allocate, which costs a fifth of a small-K layer on CPU."""
     return accumulator.view(torch.float32).copy_(accumulator)
@@ -71,6 +75,8 @@ class IntLinear(nn.Module):
         self.register_buffer("act_scale", torch.ones((), device=device) if static_act_scale else None)
         self.register_module("input_transform", input_transform)
         self.register_module("branch", branch)
+        # Set by deploy_: one WeightKernel per weight group, and the (backend, resident) it was asked for.
+        self.kernels, self.deployment = None, None
 
     @classmethod
     def from_quant_linear(cls, layer):
@@ -97,8 +103,72 @@ class IntLinear(nn.Module):
 
     def quantized_weight(self):
         """The held weight as a QuantizedWeight (what an export packs)."""
-        return QuantizedWeight(self.weight_codes, self.weight_scale, self.weight_zero_point, self.w_bits,
-                               self.group_size)
+        return QuantizedWeight(self.codes(), self.weight_scale, self.weight_zero_point, self.w_bits, self.group_size)
+
+    def codes(self):
+        """The int8 weight codes (out_features, in_features), unpacked from the planes of a deployed layer."""
+        if self.weight_codes is not None:
+            return self.weight_codes
+        numel = self.out_features * self.in_features
+        return unpack_planes(self.weight_planes, self.w_bits, numel).view(self.out_features, self.in_features)
+
+    def deploy_(self, backend="auto", resident="prepacked"):
+        """Run the integer GEMM on `backend` ("auto": the fastest exact one here, see choose_backend).
+
+        The int8 code buffer is replaced by b-bit planes (`weight_planes`; the state dict still shows
+        `weight_codes`); resident="prepacked" adds the backend's prepacked int8 weight, "packed" keeps
+        only the planes and unpacks them per call. Returns the layer.
+        """
+        if resident not in RESIDENT:
+            raise ValueError(f"resident must be one of {RESIDENT}, got {resident!r}")
+        codes = self.codes()
+        width = self.in_features if self.group_size is None else self.group_size
+        name = backend
+        if backend == "auto" and not is_full_precision(self.a_bits):
+            name = choose_backend(width, self.out_features, self.w_bits, resident=resident)
+        self.kernels = None if is_full_precision(self.a_bits) else [
+            WeightKernel(codes[:, group * width:(group + 1) * width], self.w_bits, name, resident)
+            for group in range(self.weight_scale.shape[1])]
+        if self.weight_codes is not None:
+            self.register_buffer("weight_planes", pack_planes(codes, self.w_bits), persistent=False)
+            self.weight_codes = None
+        self.deployment = (backend, resident)
+        # The input zero point's correction needs the weight's row sums; computed once, not per call.
+        self.register_buffer("_weight_row_sums", dequantize_weight(self.quantized_weight()).sum(1), persistent=False)
+        return self
+
+    @property
+    def backend(self):
+        """Name of the backend the GEMM runs on."""
+        return "int_mm" if self.kernels is None else self.kernels[0].name
+
+    def resident_bytes(self):
+        """Bytes this layer holds for inference: buffers and parameters (the transform and branch too) and
+        any backend-prepacked weight."""
+        tensors = list(self.buffers()) + list(self.parameters())
+        held = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        return held + sum(kernel.resident_bytes() for kernel in self.kernels or [] if kernel.handle is not None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A deployed layer's codes go out as `weight_codes`, as a fresh layer's do."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_codes is None:
+            destination[prefix + "weight_codes"] = self.codes()
+            for key in ("weight_planes", "_weight_row_sums"):
+                destination.pop(prefix + key, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loading into a deployed layer loads the codes and deploys them again the same way."""
+        deployed = self.weight_codes is None
+        if deployed:
+            self.weight_codes = torch.zeros(self.out_features, self.in_features, dtype=torch.int8,
+                                            device=self.weight_scale.device)
+            self.kernels = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if deployed:
+            self.deploy_(*self.deployment)
 
     def forward(self, x):
         if self.input_transform is not None:
@@ -110,7 +180,9 @@ class IntLinear(nn.Module):
             codes, scale, zero_point = self.quantize_input(flat)
             out = self.integer_matmul(codes)
             if zero_point is not None:  # sum_k z_x (codes_w - z_w) s_w: the input zero point's share
-                out.addr_(zero_point.squeeze(-1), dequantize_weight(self.quantized_weight()).sum(1), alpha=-1)
+                row_sums = (self._weight_row_sums if self.kernels is not None
+                            else dequantize_weight(self.quantized_weight()).sum(1))
+                out.addr_(zero_point.squeeze(-1), row_sums, alpha=-1)
             # Token scale and bias in one pass over the (M, N) output.
             out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale, out=out)
         if self.branch is not None:
@@ -131,9 +203,11 @@ class IntLinear(nn.Module):
             low, high = code_range(self.a_bits, symmetric=False)
             return (x * scale.reciprocal()).round_().add_(zero_point).clamp_(low, high).to(torch.int8), scale, zero_point
         if self.act_scale is None:
-            # max|x| as max(max x, -min x): no |x| temporary (abs().amax() writes one; linalg.vector_norm(inf)
-            # is several times slower on CPU, torch 2.13). Same value, so the same scale as the quantizer's.
-            absmax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+            # max|x| as max(max x, -min x) from one aminmax pass: no |x| temporary (abs().amax() writes one;
+            # linalg.vector_norm(inf) is several times slower on CPU, torch 2.13). Same value, so the same
+            # scale as the quantizer's.
+            low, high = torch.aminmax(x, dim=-1, keepdim=True)
+            absmax = torch.maximum(high, low.neg_())
             scale = absmax.div_(qmax).clamp_min_(torch.finfo(torch.float32).tiny)
             # |x| / scale <= qmax up to one rounding, so codes are in range without a clamp.
             return (x * scale.reciprocal()).round_().to(torch.int8), scale, None
@@ -150,7 +224,10 @@ class IntLinear(nn.Module):
         out = None
         for group in range(self.weight_scale.shape[1]):
             columns = slice(group * width, (group + 1) * width)
-            part = _to_float_in_place(int_matmul(codes[:, columns], self.weight_codes[:, columns].t()))
+            if self.kernels is not None:
+                part = self.kernels[group](codes[:, columns])
+            else:
+                part = to_float_in_place(int_matmul(codes[:, columns], self.weight_codes[:, columns].t()))
             if self.weight_zero_point is not None:
                 row_sums = codes[:, columns].sum(-1, dtype=torch.int32).float()
                 part.addr_(row_sums, self.weight_zero_point[:, group], alpha=-1)
@@ -161,4 +238,4 @@ class IntLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
                 f"a_bits={self.a_bits}, group_size={self.group_size}, symmetric={self.symmetric}, "
-                f"activations={self.activations}")
+                f"activations={self.activations}, backend={self.backend}")

@@ -46,6 +46,9 @@ class SmoothTransform(nn.Module):
     def forward(self, x):
         return x / self.scale.to(x.dtype)
 
+    def macs_per_token(self):
+        return self.scale.numel()
+
 
 def smooth_linear_(layer, input_absmax, alpha=0.5):
     """Divide a QuantLinear's input by s online and multiply its weight columns by s."""
