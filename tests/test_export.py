@@ -239,3 +239,13 @@ def test_loaded_layers_are_deployed(tiny_dit, tmp_path):
     assert packed.blocks[0].mlp.fc1.kernels is not None and plain.blocks[0].mlp.fc1.kernels is None
     assert packed.blocks[0].mlp.fc1.resident_bytes() < plain.blocks[0].mlp.fc1.resident_bytes()
     assert _relative_error(plain, packed) < 1e-6
+
+
+def test_sampling_defaults_and_source_travel_with_the_export(tiny_dit, tmp_path):
+    from treeq.diffusion.defaults import sampling_defaults, set_sampling_defaults_
+    settings = {**sampling_defaults(tiny_dit), "steps": 7, "cfg_scale": 2.5}
+    set_sampling_defaults_(tiny_dit, settings)
+    tiny_dit.source = {"path": "somewhere", "vae": None, "id2label": {"0": "zero"}}
+    export(quantize(tiny_dit, uniform_config(tiny_dit, 8, 8)), tmp_path / "model")
+    loaded = load_exported(tmp_path / "model")
+    assert sampling_defaults(loaded) == settings and loaded.source == tiny_dit.source

@@ -18,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 
 from ..bits import is_full_precision
 from ..branches import BRANCHES
+from ..diffusion.defaults import sampling_defaults, set_sampling_defaults_
 from ..models.checkpoint import CheckpointError, load_state_strict
 from ..models.dit import DiT, DiTConfig
 from .fold import fold_smoothing_
@@ -70,7 +71,8 @@ def export(model, path, *, scale_dtype=torch.float16):
         if not key.startswith(owned):
             tensors[key] = value
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-            "bits": _bits(layers), "layers": layers}
+            "bits": _bits(layers), "layers": layers, "sampling": sampling_defaults(model),
+            "source": getattr(model, "source", None)}
     _write_pair(_paths(path), {key: value.detach().contiguous().cpu() for key, value in tensors.items()}, meta)
 
 
@@ -94,6 +96,10 @@ def load_exported(path, *, backend="auto", resident="prepacked", fold=True):
     for name, layer in meta["layers"].items():
         _install_layer(model, name, layer, state, meta_path)
     model = load_state_strict(model, state, weights_path).eval()
+    if meta.get("sampling") is not None:  # where the model came from decides how it samples
+        set_sampling_defaults_(model, meta["sampling"])
+    if meta.get("source") is not None:
+        model.source = meta["source"]
     if fold:
         fold_smoothing_(model)
     if backend is not None:
