@@ -176,3 +176,12 @@ def test_resume_refuses_a_state_written_with_other_settings(tmp_path):
     with pytest.raises(ValueError, match="queue_size"):
         tree_search(CoupledScorer(), space, cost, target, queue_size=4, state_path=tmp_path / "s.json",
                     resume=True, progress=False)
+
+
+def test_tree_search_evaluations_grow_linearly_with_depth():
+    from treeq.bench.search_analysis import bench_depth
+    rows = bench_depth(depths=(2, 4, 8), queue_size=4)
+    counts = [row["tss_evaluations"] for row in rows]
+    per_layer = [count / row["layers"] for count, row in zip(counts, rows)]
+    assert counts[0] < counts[1] < counts[2] and max(per_layer) < 1.2 * min(per_layer)
+    assert rows[-1]["exhaustive_log10"] == 40 * math.log10(8)
