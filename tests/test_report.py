@@ -13,7 +13,7 @@ def test_report_embeds_figures_and_escapes_text(tmp_path):
         ("Table", [table_html(rows, highlight=lambda row: row["method"] == "<treeq>")]),
         ("Samples", [figure_html(tmp_path / "grid.png", "FP | TreeQ"), note_html("5 < 6")])]).read_text()
     assert "TreeQ &amp; friends" in page and "&lt;treeq&gt;" in page and "5 &lt; 6" in page
-    assert '<tr class="highlight"><td>&lt;treeq&gt;</td><td>-</td>' in page and "<td>78.04</td>" in page
+    assert '<tr class="highlight"><td>&lt;treeq&gt;</td><td>-</td>' in page and '<td class="number">78.04</td>' in page
     embedded = page.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(embedded) == (tmp_path / "grid.png").read_bytes()
     assert "http" not in page  # nothing fetched when it opens

@@ -13,8 +13,8 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
 table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
-th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }
+th { background: #f0f0f0; } td.number { text-align: right; }
 tr.highlight td { background: #eef6ee; font-weight: 600; }
 figure { margin: 1rem 0; } figcaption { font-size: 0.85rem; color: #555; }
 img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }
@@ -28,6 +28,11 @@ def _cell(value):
     return "-" if value is None else html.escape(str(value))
 
 
+def _td(value):
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"<td class=\"number\">{_cell(value)}</td>" if numeric else f"<td>{_cell(value)}</td>"
+
+
 def table_html(rows, highlight=lambda row: False):
     """An HTML table of flat dicts sharing keys; rows for which `highlight(row)` is true stand out."""
     if not rows:
@@ -35,8 +40,8 @@ def table_html(rows, highlight=lambda row: False):
     keys = list(rows[0])
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     marked = ' class="highlight"'
-    body = "".join(f"<tr{marked if highlight(row) else ''}>" + "".join(f"<td>{_cell(row.get(k))}</td>" for k in keys)
-                   + "</tr>" for row in rows)
+    body = "".join(f"<tr{marked if highlight(row) else ''}>" + "".join(_td(row.get(k)) for k in keys) + "</tr>"
+                   for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
