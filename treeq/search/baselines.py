@@ -106,12 +106,7 @@ def evolutionary(scorer, space, cost, target, evaluations, *, population=20, mut
     """Evolutionary search over full configurations, as Q-DiT: tournament selection of parents, uniform
     crossover, per-layer mutation with probability `mutation`, repair to the budget, and (mu + lambda)
     truncation survival. Scores at most `evaluations` distinct configurations, one generation per call."""
-    started = time.perf_counter()
-    budget = budget_for(space, cost, target)
-    _check_evaluations(evaluations)
-    rng = random.Random(seed)
-    costs = _leaf_costs(space, cost)
-    seen = {}
+    started, budget, rng, costs, seen = _sampling_start(space, cost, target, evaluations, seed)
     first = _fresh(rng, space, costs, cost, budget, seen, min(population, evaluations))
     parents = _score_new(scorer, space, seen, first)
     while len(seen) < evaluations:
@@ -132,14 +127,17 @@ def evolutionary(scorer, space, cost, target, evaluations, *, population=20, mut
     return _best("evolutionary", space, cost, seen, started)
 
 
-def random_search(scorer, space, cost, target, evaluations, *, seed=0, batch_size=64):
-    """Uniformly random configurations repaired to the budget; the best of `evaluations` distinct ones."""
+def _sampling_start(space, cost, target, evaluations, seed):
+    """What evolutionary and random search start from: clock, budget, seeded rng, leaf costs, scored configs."""
     started = time.perf_counter()
     budget = budget_for(space, cost, target)
     _check_evaluations(evaluations)
-    rng = random.Random(seed)
-    costs = _leaf_costs(space, cost)
-    seen = {}
+    return started, budget, random.Random(seed), _leaf_costs(space, cost), {}
+
+
+def random_search(scorer, space, cost, target, evaluations, *, seed=0, batch_size=64):
+    """Uniformly random configurations repaired to the budget; the best of `evaluations` distinct ones."""
+    started, budget, rng, costs, seen = _sampling_start(space, cost, target, evaluations, seed)
     while len(seen) < evaluations:
         batch = _fresh(rng, space, costs, cost, budget, seen, min(batch_size, evaluations - len(seen)))
         if not batch:
