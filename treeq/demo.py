@@ -10,7 +10,6 @@ uniform baseline, from the same seeds.
 Shrunk for a 2-core CPU: 200 samples per model and the search's default 16 calibration rows.
 """
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from .bench.ptq import COLUMNS, compare_settings
@@ -28,10 +27,7 @@ BRANCH_RATIO = 0.05  # the Monarch branch's share of each layer's parameters
 
 def treeq_recipe(recipe=SEARCH_RECIPE, ratio=BRANCH_RATIO):
     """`recipe` with a General Monarch Branch between its transform and its rounding."""
-    transforms = [name for name in recipe.methods if name in ("hadamard", "smooth")]
-    rest = [name for name in recipe.methods if name not in transforms]
-    options = {**recipe.method_options, "monarch": {"ratio": ratio}}
-    return replace(recipe, methods=(*transforms, "monarch", *rest), method_options=options)
+    return recipe.with_branch("monarch", ratio=ratio)
 
 
 def run_demo(out, num_samples=200, seed=0):

@@ -12,7 +12,7 @@ from ..bits import preset_config
 from ..experiment import generate, measure
 from ..models.load import load
 from ..quant.apply import quantize
-from ..quant.calibration import load_or_collect
+from ..quant.calibration import load_or_collect, spread_rows
 from ..quant.recipe import Recipe
 
 SETTINGS = ("W8A8", "W4A8", "W4A4", "W3A3")
@@ -66,8 +66,7 @@ def bench_output_error(settings=("W4A4", "W3A3"), baselines=BASELINES, rows=64):
     sampling takes: how the search's default recipe was chosen."""
     model = load("default")
     calibration = load_or_collect(model, **Recipe().calibration_options())
-    index = torch.linspace(0, len(calibration[0]) - 1, rows).round().long()
-    inputs = tuple(part[index] for part in calibration)
+    inputs = spread_rows(calibration, rows)
     with torch.no_grad():
         reference = model(*inputs)
     out = []

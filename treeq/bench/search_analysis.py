@@ -14,7 +14,7 @@ from ..bits import uniform_config
 from ..models.load import load
 from ..models.registry import create_model
 from ..quant.apply import quantize, set_bits_
-from ..quant.calibration import load_or_collect
+from ..quant.calibration import load_or_collect, spread_rows
 from ..search.cost import cost_model
 from ..search.run import SEARCH_RECIPE
 from ..search.space import DEFAULT_CANDIDATES, SearchSpace
@@ -52,8 +52,7 @@ def bench_locality(layer="blocks.0.attn.qkv", bits=(4, 4), rows=64):
     model = load("default")
     calibration = load_or_collect(model, **SEARCH_RECIPE.calibration_options())
     quantized = quantize(model, {layer: {"w_bits": bits[0], "a_bits": bits[1]}}, SEARCH_RECIPE, calibration=calibration)
-    index = torch.linspace(0, len(calibration[0]) - 1, rows).round().long()
-    x_t, t, y = (part[index] for part in calibration)
+    x_t, t, y = spread_rows(calibration, rows)
     with torch.no_grad():
         outputs = {}
         for label, config in (("fp", {}), ("quantized", {layer: {"w_bits": bits[0], "a_bits": bits[1]}})):

@@ -60,3 +60,12 @@ def load_or_collect(model, cache_dir=DEFAULT_CACHE, **options):
     calibration = collect_calibration(model, **options)
     atomic_write(path, lambda p: torch.save(list(calibration), p))
     return calibration
+
+
+def spread_rows(calibration, rows):
+    """`rows` calibration rows spread evenly over the set (it is ordered by sampling step)."""
+    total = len(calibration[0])
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= total:
+        raise ValueError(f"calibration_rows must be in 1..{total}, got {rows!r}")
+    index = torch.linspace(0, total - 1, rows).round().long()
+    return tuple(part[index] for part in calibration)

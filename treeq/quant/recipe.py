@@ -65,6 +65,13 @@ class Recipe:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self.method_options = method_options(self.methods, self.method_options)
 
+    def with_branch(self, branch, **options):
+        """This recipe with the branch method `branch` placed after its transform and before its rounding."""
+        rounding = [name for name in self.methods if METHODS[name].kind == "rounding"]
+        methods = [name for name in self.methods if name not in rounding] + [branch] + rounding
+        method_options = {**self.method_options, branch: {**self.method_options.get(branch, {}), **options}}
+        return dataclasses.replace(self, methods=methods, method_options=method_options)
+
     def steps(self):
         """[(name, Method, options)] in the order they run."""
         return [(name, METHODS[name], self.method_options[name]) for name in self.methods]
@@ -128,14 +135,13 @@ def add_recipe_arguments(parser):
 def recipe_from_args(args, **fields):
     """The Recipe the parsed flags describe (method options only for methods in the list)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
-    methods = parse_methods(values["methods"])
-    if args.branch != "none":  # it stands after the transform, before the rounding
-        rounding = [name for name in methods if METHODS[name].kind == "rounding"]
-        methods = parse_methods([name for name in methods if name not in rounding] + [args.branch] + rounding)
+    recipe = Recipe(**{**values, **fields})
+    if args.branch != "none":
+        recipe = recipe.with_branch(args.branch)
     options = {}
-    for name in methods:
+    for name in recipe.methods:
         given = {option: getattr(args, f"option_{name}_{option}") for option in METHODS[name].options}
         if args.branch_ratio is not None and METHODS[name].kind == "branch":
             given["ratio"] = args.branch_ratio
         options[name] = {key: value for key, value in given.items() if value is not None}
-    return Recipe(**{**values, "methods": methods, "method_options": options, **fields})
+    return dataclasses.replace(recipe, method_options=options)

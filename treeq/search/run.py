@@ -34,7 +34,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE."""
     from ..models.load import load
     from ..quant.apply import quantize
-    from ..quant.calibration import load_or_collect
+    from ..quant.calibration import load_or_collect, spread_rows
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
@@ -64,7 +64,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
     quantized = quantized.to(_device())
-    calibration = _rows(calibration, calibration_rows)
+    calibration = spread_rows(calibration, calibration_rows)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
     scorer = ModelObjective(quantized, calibration, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
     if distributed:
@@ -98,15 +98,6 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             plot_front(result.front, f"{stem}-front.png", chosen={"average_bits": result.average_bits,
                                                                   "metric": result.metric})
     return result
-
-
-def _rows(calibration, rows):
-    """`rows` calibration rows spread evenly over the set (it is ordered by sampling step)."""
-    total = len(calibration[0])
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= total:
-        raise ValueError(f"calibration_rows must be in 1..{total}, got {rows!r}")
-    index = torch.linspace(0, total - 1, rows).round().long()
-    return tuple(part[index] for part in calibration)
 
 
 def _default_env_bits(target_bits):
