@@ -83,9 +83,10 @@ def cmd_sample(args):
     finally:
         teardown()
     if rank == 0:
+        from .memory import describe_peak_memory
         rate = done["written"] / done["seconds"] if done["seconds"] > 0 else float("nan")
         print(f"{args.num_samples} samples ({done['written']} drawn now by rank 0, {rate:.2f} images/s) "
-              f"-> {args.out}/samples.npz, {args.out}/grid.png, {args.out}/sampling.json")
+              f"-> {args.out}/samples.npz, {args.out}/grid.png, {args.out}/sampling.json; {describe_peak_memory()}")
     return 0
 
 
@@ -162,16 +163,18 @@ def cmd_info(args):
 
 def cmd_quantize(args):
     from .bits import average_bits
+    from .memory import describe_peak_memory
     from .quant.apply import quantization_map
     from .quant.recipe import recipe_from_args
     from .quant.run import build, save_run
 
     recipe = recipe_from_args(args, sampling=_sampling_overrides(args))
-    model, quantized = build(recipe)
+    model, quantized = build(recipe, device=_device(args.device))
     bits = quantization_map(quantized)
     save_run(args.out, recipe, quantized)
     print(f"{len(bits)} layers quantized with {','.join(recipe.methods)} ({recipe.activations} activations); "
-          f"average bits (BOPs) {average_bits(bits, model):.2f}; run in {args.out}/ (use --quant {args.out})")
+          f"average bits (BOPs) {average_bits(bits, model):.2f}; run in {args.out}/ (use --quant {args.out}); "
+          + describe_peak_memory())
     return 0
 
 
@@ -214,6 +217,8 @@ _BENCHES = {
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
     # its own sample counts (64 testbed images, 8 DiT-XL/2 ones)
     "deploy": ("deploy", "bench_deploy", lambda a: {"seed": a.seed}),
+    "xl": ("xl", "bench_xl", lambda a: {"device": a.device, "model": a.model, "seed": a.seed}),
+    "gpu-kernels": ("xl", "bench_gpu_kernels", lambda a: {"seed": a.seed}),
 }
 
 
@@ -230,16 +235,20 @@ def cmd_demo(args):
 
 
 def cmd_search(args):
+    from .memory import describe_peak_memory
     from .search.run import SEARCH_RECIPE, run_search
 
     recipe = replace(SEARCH_RECIPE, model=args.model, activations=args.activations or SEARCH_RECIPE.activations,
-                     methods=args.ptq_method or SEARCH_RECIPE.methods)
+                     methods=args.ptq_method or SEARCH_RECIPE.methods,
+                     calibration_images=args.calibration_images or SEARCH_RECIPE.calibration_images,
+                     calibration_timesteps=args.calibration_timesteps or SEARCH_RECIPE.calibration_timesteps)
     result = run_search(recipe, args.target, args.method, out=args.out, env_bits=args.env_bits,
                         queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
                         readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks,
-                        evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost)
+                        evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost,
+                        device=args.device)
     print(f"{args.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
-          f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}")
+          f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
 
 
@@ -256,6 +265,10 @@ def _add_search(sub):
                         help="environmental noise: bits of every layer outside the scored segment (default the "
                              "target; 32 = full precision)")
     search.add_argument("--queue-size", type=int, default=16)
+    search.add_argument("--calibration-images", type=_positive_int, default=None,
+                        help="images whose sampling trajectories calibrate (default 32)")
+    search.add_argument("--calibration-timesteps", type=_positive_int, default=None,
+                        help="sampling steps recorded per trajectory (default 10)")
     search.add_argument("--candidates", default=None, help="(w,a) pairs, e.g. '4,4 3,4 4,3 8,8' (default by target)")
     search.add_argument("--calibration-rows", type=int, default=16,
                         help="rows of the calibration set scored per candidate (16: a W4A4 testbed search in ~4 CPU "
@@ -268,6 +281,7 @@ def _add_search(sub):
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--resume", action="store_true", help="continue from the state file beside --out")
     search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")
+    search.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     search.add_argument("--out", default="bits.json")
     search.set_defaults(func=cmd_search)
 
@@ -292,6 +306,15 @@ def _add_sampling(parser, num_samples):
 def _cuda():
     import torch
     return torch.cuda.is_available()
+
+
+def _device(name):
+    """A torch.device from --device, refusing CUDA where torch sees none."""
+    import torch
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device")
+    return device
 
 
 class _Parser(argparse.ArgumentParser):
@@ -365,6 +388,8 @@ def build_parser():
     for flag in ("--sampler", "--steps", "--cfg-scale", "--guidance-channels"):
         quant.add_argument(flag, type=float if flag == "--cfg-scale" else None if flag == "--sampler" else int,
                            default=None, help="sampling setting of the calibration trajectories")
+    quant.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                       help="cpu, cuda or cuda:N: where calibration and the methods run")
     quant.add_argument("--out", required=True)
     quant.set_defaults(func=cmd_quantize)
 
@@ -389,6 +414,8 @@ def build_parser():
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--settings", default="W8A8,W4A8,W4A4,W3A3",
                        help="ptq: presets to run (split a long bench over processes)")
+    bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="xl: cpu, cuda or cuda:N")
+    bench.add_argument("--model", default=None, help="xl: a DiT-XL/2 checkpoint (default: random weights)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

@@ -33,7 +33,8 @@ def model_fingerprint(model):
 @torch.no_grad()
 def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, **sampling):
     """(x_t, t, y) at `num_timesteps` evenly spaced steps of the sampling trajectories of
-    `num_images` images (labels balanced). With guidance each kept step adds 2 * num_images rows."""
+    `num_images` images (labels balanced). With guidance each kept step adds 2 * num_images rows.
+    Sampled on the model's device, kept on the CPU (the set is fed back in batches)."""
     settings = {**sampling_defaults(model), **sampling}
     if not 1 <= num_timesteps <= settings["steps"]:
         raise ValueError(f"num_timesteps must be in 1..{settings['steps']} (the sampler's steps), got {num_timesteps}")
@@ -42,7 +43,7 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, **sam
 
     def record(x, t, y):
         if call[0] % settings["steps"] in keep:
-            records.append((x.clone(), t.clone(), y.clone()))
+            records.append((x.cpu(), t.cpu(), y.cpu()))
         call[0] += 1
 
     labels = balanced_labels(num_images, model.config.num_classes)

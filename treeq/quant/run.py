@@ -25,9 +25,10 @@ STATE_FILE, BITS_FILE, CONFIG_FILE = "state.safetensors", "bits.json", "config.j
 RUN_FORMAT_VERSION = 2
 
 
-def build(recipe, calibration=None):
-    """(fp_model, quantized_model) made by `recipe`, collecting (and caching) calibration if it needs it."""
-    model = load(recipe.model)
+def build(recipe, calibration=None, device="cpu"):
+    """(fp_model, quantized_model) made by `recipe` on `device`, collecting (and caching) calibration if
+    it needs it."""
+    model = load(recipe.model).to(device)
     if calibration is None and recipe.needs_calibration():
         calibration = load_or_collect(model, **recipe.calibration_options())
     return model, quantize(model, recipe.resolve_bits(model), recipe, calibration=calibration)

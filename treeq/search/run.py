@@ -29,9 +29,10 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
-               log=None, cost="bops", progress=True):
+               log=None, cost="bops", progress=True, device=None):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
-    its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE."""
+    its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
+    calibration, quantization and scoring run (default this rank's GPU if any, else the CPU)."""
     from ..models.load import load
     from ..quant.apply import quantize
     from ..quant.calibration import load_or_collect, spread_rows
@@ -55,6 +56,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     switch = {pair for layer in space.candidates for pair in layer} | {(env_bits, env_bits)}
     recipe = replace(recipe, switch_bits=sorted(set(recipe.switch_bits) | switch))
     distributed = _init_distributed()
+    device = _device() if device is None else torch.device(device)
+    model = model.to(device)
     writer = not distributed or torch.distributed.get_rank() == 0
     if distributed and not writer:
         torch.distributed.barrier()  # rank 0 collects (and caches) the calibration set first
@@ -63,7 +66,6 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         torch.distributed.barrier()
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
-    quantized = quantized.to(_device())
     calibration = spread_rows(calibration, calibration_rows)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
     scorer = ModelObjective(quantized, calibration, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)

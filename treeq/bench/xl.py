@@ -1,0 +1,184 @@
+"""`treeq bench xl` and `treeq bench gpu-kernels`: DiT-XL/2 at its real size, on the CPU or a GPU.
+
+`bench xl` times sampling steps (one guided model call each) of the full-precision model in float32
+and bfloat16, of the fake-quant W4A4 model (Hadamard + GPTQ, per-token asymmetric activations,
+calibrated on one short trajectory) and of the exported W8A8 integer model (round to nearest,
+per-token activations, `torch._int_mm`) at batch 1 and 8, and reports the GPU memory each phase
+peaked at.
+Random weights by default: speed and memory do not depend on the values.
+`bench gpu-kernels` times DiT-XL/2's linear shapes on CUDA: float32, TF32, bf16 and the int8 path a
+deployed W8A8 layer runs (per-token quantization of the input + `torch._int_mm` + rescale), in
+interleaved rounds.
+"""
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..bits import preset_config
+from ..diffusion.sampling import balanced_labels, sample
+from ..models.init import random_dit
+from ..models.registry import config_for
+from ..quant.apply import quantize
+from ..quant.calibration import collect_calibration
+from ..quant.integer import int_matmul
+from ..quant.quantizers import token_quant_params
+from ..quant.recipe import Recipe
+from .kernels import dit_linear_shapes
+
+W4A4_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
+SETTINGS = ("fp32", "bf16", "W4A4", "W8A8-int")
+
+
+def bench_xl(device="cpu", model=None, batches=(1, 8), steps=3, settings=SETTINGS, seed=0):
+    """Rows {setting, batch, device, seconds_per_step, min, max, peak_gpu_mb}; the W4A4 row's calibration
+    and quantization get rows of their own (seconds, peak_gpu_mb) with batch None."""
+    device = torch.device(device)
+    base = _xl(model, seed)
+    rows = []
+    for setting in settings:
+        _reset_peak(device)
+        start = time.perf_counter()
+        if setting == "W4A4":
+            fp = base.to(device)
+            calibration = collect_calibration(fp, num_images=1, num_timesteps=2, steps=2)
+            rows.append(_phase_row("calibrate", start, device))
+            _reset_peak(device)
+            start = time.perf_counter()
+            model_ = quantize(fp, preset_config(fp, "W4A4"), W4A4_RECIPE, calibration=calibration)
+            rows.append(_phase_row("quantize W4A4", start, device))
+            base = base.cpu()  # the quantized copy alone on the device while it samples
+        elif setting == "W8A8-int":
+            model_ = _exported_w8a8(base.cpu()).to(device)
+            rows.append(_phase_row("quantize + export + load W8A8", start, device))
+        else:
+            model_ = base.to(device=device, dtype=torch.bfloat16 if setting == "bf16" else torch.float32)
+        for batch in batches:
+            _reset_peak(device)
+            times = step_seconds(model_, batch, steps)
+            rows.append({"setting": setting, "batch": batch, "device": str(device),
+                         "seconds_per_step": statistics.median(times), "min": min(times), "max": max(times),
+                         "peak_gpu_mb": _peak_mb(device)})
+        del model_
+        base = base.float()
+    return rows
+
+
+def _exported_w8a8(model):
+    """The packed-export round trip of a W8A8 round-to-nearest model, its layers on torch._int_mm."""
+    import tempfile
+
+    from ..quant.export import export, load_exported
+    quantized = quantize(model, preset_config(model, "W8A8"), Recipe(methods=("rtn",), activations="dynamic"))
+    with tempfile.TemporaryDirectory() as folder:
+        export(quantized, folder)
+        return load_exported(folder, backend=None)
+
+
+def step_seconds(model, batch, steps):
+    """Seconds between consecutive model calls of an official-settings sample (cfg 1.5: 2 x batch rows),
+    the first call (warm-up) left out."""
+    device = next(model.parameters()).device
+    stamps = []
+
+    def stamp(*_):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    labels = balanced_labels(batch, model.config.num_classes)
+    sample(model, labels, sampler="ddpm", steps=steps + 2, cfg_scale=1.5, guidance_channels=3, batch_size=batch,
+           progress=False, on_model_input=stamp)
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+
+
+def bench_gpu_kernels(batch=8, repeats=7, iterations=20, seed=0):
+    """Rows {shape, runtime, ms, min_ms, max_ms, speedup_vs_fp32, speedup_vs_bf16} on the current CUDA device.
+
+    Each round runs every runtime once (`iterations` calls timed by CUDA events), in a new random order;
+    the median over `repeats` rounds is reported with its range."""
+    if not torch.cuda.is_available():
+        raise ValueError("bench gpu-kernels needs a CUDA device")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for shape, m, k, n in dit_linear_shapes("xl", config_for("DiT-XL/2"), batch):
+        x = torch.randn(m, k, generator=generator).cuda()
+        weight = torch.randn(n, k, generator=generator).cuda() / k ** 0.5
+        runtimes = _gpu_runtimes(x, weight)
+        for name, fn in list(runtimes.items()):
+            try:
+                fn()
+            except RuntimeError as error:  # a kernel this GPU or torch build lacks: say so, time the rest
+                rows.append({"shape": shape, "rows": m, "runtime": name, "error": str(error).splitlines()[0]})
+                del runtimes[name]
+        times = {name: [] for name in runtimes}
+        for _ in range(repeats):
+            for index in torch.randperm(len(runtimes), generator=generator).tolist():
+                name = list(runtimes)[index]
+                times[name].append(_cuda_ms(runtimes[name], iterations))
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        for name, values in times.items():
+            rows.append({"shape": shape, "rows": m, "runtime": name, "ms": medians[name], "min_ms": min(values),
+                         "max_ms": max(values), "speedup_vs_fp32": medians["fp32"] / medians[name],
+                         "speedup_vs_bf16": medians["bf16"] / medians[name]})
+    return rows
+
+
+def _gpu_runtimes(x, weight):
+    """name -> zero-argument call computing x @ weight.T as each runtime would inside a deployed layer."""
+    codes_w = torch.clamp((weight / (weight.abs().amax(1, keepdim=True) / 127)).round(), -127, 127).to(torch.int8)
+    scale_w = weight.abs().amax(1) / 127
+    x16, w16 = x.bfloat16(), weight.bfloat16()
+
+    def fp32():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return F.linear(x, weight)
+
+    def tf32():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        out = F.linear(x, weight)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return out
+
+    def int8():  # per-token symmetric activations, int32 sums, one rescale: the W8A8 layer's work
+        scale, _ = token_quant_params(x, 8, symmetric=True)
+        codes = (x / scale).round_().to(torch.int8)
+        return int_matmul(codes, codes_w.t()).float().mul_(scale).mul_(scale_w)
+
+    return {"fp32": fp32, "tf32": tf32, "bf16": lambda: F.linear(x16, w16), "int8_w8a8": int8}
+
+
+def _cuda_ms(fn, iterations):
+    fn()  # warm-up (cuBLAS heuristics, allocator)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iterations
+
+
+def _xl(model, seed):
+    if model is None:
+        return random_dit("DiT-XL/2", seed)
+    from ..models.load import load
+    return load(model)
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+
+
+def _phase_row(setting, start, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"setting": setting, "batch": None, "device": str(device), "seconds": time.perf_counter() - start,
+            "peak_gpu_mb": _peak_mb(device)}
