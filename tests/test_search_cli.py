@@ -61,3 +61,22 @@ def test_bench_search_reuses_a_finished_search(tiny_path, tmp_path, monkeypatch)
     assert summary["method"] == "uniform" and set(config) and summary["evaluations"] > 0
     monkeypatch.setattr(bench, "run_search", lambda *a, **k: pytest.fail("searched again"))
     assert bench.searched("W4A4", "uniform", tmp_path, recipe=recipe) == (config, summary)
+
+
+def test_too_many_scored_rows_are_refused_before_quantizing(tiny_path, tmp_path, monkeypatch, capsys):
+    import treeq.quant.apply as apply
+
+    def fail(*args, **kwargs):
+        raise AssertionError("quantized before checking --calibration-rows")
+    monkeypatch.setattr(apply, "quantize", fail)
+    argv = ["search", "--model", tiny_path, *FAST[:2], "--calibration-images", "2", "--calibration-timesteps", "2",
+            "--calibration-rows", "9", "--out", str(tmp_path / "b.json")]
+    assert main(argv) == 2
+    assert "calibration_rows must be in 1..8, got 9" in capsys.readouterr().err
+
+
+def test_search_reports_its_peak_memory(tiny_path, tmp_path, capsys):
+    argv = ["search", "--model", tiny_path, "--method", "uniform", *FAST, "--device", "cpu",
+            "--out", str(tmp_path / "u.json")]
+    assert main(argv) == 0
+    assert "peak memory: RSS" in capsys.readouterr().out

@@ -64,9 +64,10 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     calibration = load_or_collect(model, **recipe.calibration_options())
     if distributed and writer:
         torch.distributed.barrier()
+    scored_rows = spread_rows(calibration, calibration_rows)  # a bad row count is refused before quantizing
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
-    calibration = spread_rows(calibration, calibration_rows)
+    calibration = scored_rows
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
     scorer = ModelObjective(quantized, calibration, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
     if distributed:
