@@ -80,3 +80,16 @@ def test_search_reports_its_peak_memory(tiny_path, tmp_path, capsys):
             "--out", str(tmp_path / "u.json")]
     assert main(argv) == 0
     assert "peak memory: RSS" in capsys.readouterr().out
+
+
+def test_random_configurations_for_the_rank_bench_meet_their_cost(tiny_dit):
+    import random
+
+    from treeq.bench.search import _random_config, env_settings
+    candidates = ((3, 3), (4, 4), (8, 8))
+    for bits in (3.5, 4.0, 6.0):
+        config = _random_config(tiny_dit, candidates, bits, random.Random(0))
+        validate_config(config, tiny_dit)
+        assert bits - 1.5 < average_bits(config, tiny_dit) <= bits
+        assert {(e["w_bits"], e["a_bits"]) for e in config.values()} <= set(candidates)
+    assert env_settings("W3A3") == (2, 3, 8, 32) and env_settings("W4A4") == (3, 4, 8, 32)

@@ -5,30 +5,45 @@ Evolutionary and random search get the evaluations the tree search used at that 
 search writes its files under the bench folder; a finished search (its results.json exists) is
 read back instead of run again, so an interrupted bench continues, and searches can be run ahead
 in parallel processes with `treeq search ... --out FOLDER/<target>-<method>.json`.
+
+`treeq bench eng`: the tree search at each environmental-noise setting e (the bits of every layer
+outside the scored segment), then PTQ quality of what it found. `treeq bench rank`: does the
+search metric order configurations as FID does? Spearman correlation over configurations of the
+tree search's root front and random configurations at the same costs.
 """
 import json
+import random
+from dataclasses import replace
 from pathlib import Path
 
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from ..bits import average_bits, load_config
+from ..bits import average_bits, load_config, quantizable_layers
 from ..experiment import generate, measure
 from ..models.load import load
-from ..quant.apply import quantize
-from ..quant.calibration import load_or_collect
+from ..quant.apply import quantize, set_bits_
+from ..quant.calibration import load_or_collect, spread_rows
+from ..search.cost import parse_target
+from ..search.objective import ModelObjective
 from ..search.run import SEARCH_RECIPE, run_search
+from ..search.space import DEFAULT_CANDIDATES
 
 TARGETS = ("W4A4", "W3A3")
 METHODS = ("uniform", "greedy", "ilp", "tss", "evo", "random")  # tss before evo and random: they match its count
 FOLDER = Path("runs") / "bench-search"
 
 
-def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECIPE):
-    """(config, summary) of one search, run now unless its files are already in `folder`."""
-    out = Path(folder) / f"{target}-{method}.json"
+ENG_FOLDER = Path("runs") / "bench-eng"
+
+
+def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECIPE, env_bits=None, name=None):
+    """(config, summary) of one search, run now unless its files are already in `folder` (as `name`,
+    default <target>-<method>)."""
+    out = Path(folder) / f"{name or f'{target}-{method}'}.json"
     results = out.with_suffix(".results.json")
     if not results.exists():
-        run_search(recipe, target, method, out=out, evaluations=evaluations, progress=False)
+        run_search(recipe, target, method, out=out, evaluations=evaluations, env_bits=env_bits, progress=False)
     return load_config(out), json.loads(results.read_text())
 
 
@@ -55,5 +70,84 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
     return rows
 
 
-def _quality(metrics):
-    return {key: metrics[key] for key in ("fid", "class_accuracy", "psnr_vs_fp")}
+def env_settings(target):
+    """ENG's sweep at a target: one bit below it, the target (TreeQ's PTQ setting), 8, and 32 (full precision)."""
+    bits = round(parse_target(target))
+    return (bits - 1, bits, 8, 32)
+
+
+def bench_eng(targets=TARGETS, num_samples=250, seed=0, folder=ENG_FOLDER):
+    """Rows {target, env_bits, evaluations, bops_bits, search_metric, fid, sfid, class_accuracy, psnr_vs_fp}:
+    the tree search at each e of `env_settings`, its configuration after PTQ on the search recipe.
+    Searches are read back from `folder` (<target>-e<e>.json) when finished there."""
+    recipe = SEARCH_RECIPE
+    model = load(recipe.model)
+    fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
+    calibration = load_or_collect(model, **recipe.calibration_options())
+    rows = []
+    for target in targets:
+        for env_bits in tqdm(env_settings(target), desc=f"ENG sweep ({target})"):
+            config, summary = searched(target, "tss", folder, recipe=recipe, env_bits=env_bits,
+                                       name=f"{target}-e{env_bits}")
+            quantized = quantize(model, config, recipe, calibration=calibration)
+            images, _, _ = generate(quantized, num_samples, seed, progress=False)
+            rows.append({"target": target, "env_bits": env_bits, "evaluations": summary["evaluations"],
+                         "bops_bits": average_bits(config, model), "search_metric": summary["metric"],
+                         **_quality(measure(images, labels, fp_images), "sfid")})
+    return rows
+
+
+def bench_rank(target="W4A4", count=10, num_samples=250, seed=0, folder=FOLDER, calibration_rows=16):
+    """Rows {kind, bops_bits, search_metric, fid, class_accuracy, psnr_vs_fp} for `count` configurations of the
+    tree search's root front nearest the target and `count` random ones at the same costs, then rows with
+    the Spearman correlations of the search metric against FID and against PSNR vs FP (all, front, random).
+
+    Every configuration is scored by the same end-to-end objective the root of the tree uses (model
+    output error with the whole model in the segment), then sampled from the same seeds."""
+    recipe = SEARCH_RECIPE
+    _, summary = searched(target, "tss", folder, recipe=recipe)
+    bits = parse_target(target)
+    front = sorted(summary["front"], key=lambda point: abs(point["average_bits"] - bits))[:count]
+    model = load(recipe.model)
+    candidates = DEFAULT_CANDIDATES[bits]
+    rng = random.Random(seed)
+    configs = [("front", point["config"]) for point in front]
+    configs += [("random", _random_config(model, candidates, point["average_bits"], rng)) for point in front]
+    calibration = load_or_collect(model, **recipe.calibration_options())
+    quantized = quantize(model, configs[0][1], replace(recipe, switch_bits=candidates), calibration=calibration)
+    objective = ModelObjective(quantized, spread_rows(calibration, calibration_rows), round(bits), readout_blocks=None)
+    names = objective.layers
+    fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
+    rows = []
+    for kind, config in tqdm(configs, desc="score and sample"):
+        assignment = [(config[name]["w_bits"], config[name]["a_bits"]) for name in names]
+        metric = objective.score(0, len(names), [assignment])[0]
+        images, _, _ = generate(set_bits_(quantized, config), num_samples, seed, progress=False)
+        rows.append({"kind": kind, "bops_bits": average_bits(config, model), "search_metric": metric,
+                     **_quality(measure(images, labels, fp_images))})
+    for subset in ("all", "front", "random"):
+        chosen = [row for row in rows if subset == "all" or row["kind"] == subset]
+        metric = [row["search_metric"] for row in chosen]
+        rows.append({"kind": f"spearman ({subset})", "bops_bits": None, "search_metric": None,
+                     "fid": spearmanr(metric, [row["fid"] for row in chosen]).statistic, "class_accuracy": None,
+                     "psnr_vs_fp": spearmanr(metric, [row["psnr_vs_fp"] for row in chosen]).statistic})
+    return rows
+
+
+def _random_config(model, candidates, bits, rng):
+    """A random configuration at about `bits` average bits: a uniform draw per layer, then random layers
+    moved to a cheaper candidate (fewer w x a bit operations) until the cost is within the budget."""
+    choice = {name: rng.choice(candidates) for name in quantizable_layers(model)}
+
+    def config():
+        return {name: {"w_bits": w, "a_bits": a} for name, (w, a) in choice.items()}
+    while average_bits(config(), model) > bits:
+        name = rng.choice(list(choice))
+        cheaper = [pair for pair in candidates if pair[0] * pair[1] < choice[name][0] * choice[name][1]]
+        if cheaper:
+            choice[name] = rng.choice(cheaper)
+    return config()
+
+
+def _quality(metrics, *extra):
+    return {key: metrics[key] for key in ("fid", *extra, "class_accuracy", "psnr_vs_fp")}
