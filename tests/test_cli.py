@@ -138,3 +138,23 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_path, tmp_path, ca
     assert main([replace.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("treeq: error:") and message in err and "\n" not in err
+
+
+def test_treeq_in_one_command_searches_with_the_branch_then_quantizes(tiny_path, tmp_path, monkeypatch, capsys):
+    from treeq.bits import average_bits, load_config
+    from treeq.branches import MonarchBranch
+    from treeq.quant.run import load_run
+    monkeypatch.chdir(tmp_path)  # the calibration cache goes to ./runs
+    run = tmp_path / "treeq"
+    argv = ["quantize", "--model", tiny_path, "--target", "W4A4", "--search", "tss", "--queue-size", "2",
+            "--method", "hadamard", "--branch", "monarch", "--branch-ratio", "0.1", "--calibration-images", "4",
+            "--calibration-timesteps", "4", "--out", str(run)]
+    assert main(argv) == 0
+    searched = load_config(run / "search" / "bits.json")
+    results = json.loads((run / "search" / "bits.results.json").read_text())
+    assert results["method"] == "tss" and results["settings"]["recipe"]["methods"] == ["hadamard", "monarch"]
+    recipe, model = load_run(run)
+    assert load_config(run / "bits.json") == searched and average_bits(searched, model) <= 4.0 + 1e-9
+    assert isinstance(model.get_submodule("blocks.0.attn.qkv").branch, MonarchBranch)
+    assert main(["quantize", "--model", tiny_path, "--target", "W4A4", "--config", "W3A3", "--out", str(run)]) == 2
+    assert "not both" in capsys.readouterr().err

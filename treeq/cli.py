@@ -169,7 +169,16 @@ def cmd_quantize(args):
     from .quant.run import build, save_run
 
     recipe = recipe_from_args(args, sampling=_sampling_overrides(args))
-    model, quantized = build(recipe, device=_device(args.device))
+    device = _device(args.device)
+    if args.target:  # TreeQ in one command: search the bits with this recipe (its branch attached), then quantize
+        from .search.run import run_search
+        if args.bits != "W4A4":
+            raise ValueError(f"give either --target (search the bits) or --config {args.bits}, not both")
+        bits = Path(args.out) / "search" / "bits.json"
+        run_search(recipe, args.target, args.search, out=bits, env_bits=args.env_bits, queue_size=args.queue_size,
+                   device=device)
+        recipe = replace(recipe, bits=str(bits))
+    model, quantized = build(recipe, device=device)
     bits = quantization_map(quantized)
     save_run(args.out, recipe, quantized)
     print(f"{len(bits)} layers quantized with {','.join(recipe.methods)} ({recipe.activations} activations); "
@@ -392,6 +401,13 @@ def build_parser():
                            default=None, help="sampling setting of the calibration trajectories")
     quant.add_argument("--device", default="cuda" if _cuda() else "cpu",
                        help="cpu, cuda or cuda:N: where calibration and the methods run")
+    quant.add_argument("--target", default=None,
+                       help="search the bit configuration at this budget (W4A4, W3A3 or average bits) instead of "
+                            "--config; the search scores this recipe, branch included, and writes OUT/search/")
+    quant.add_argument("--search", default="tss", choices=("tss", "ilp", "evo", "greedy", "random", "uniform"),
+                       help="with --target: the search method (default tss, TreeQ's tree search)")
+    quant.add_argument("--env-bits", type=int, default=None, help="with --target: ENG's environment bits")
+    quant.add_argument("--queue-size", type=int, default=16, help="with --target: the tree search's queue size")
     quant.add_argument("--out", required=True)
     quant.set_defaults(func=cmd_quantize)
 
