@@ -93,3 +93,12 @@ def test_random_configurations_for_the_rank_bench_meet_their_cost(tiny_dit):
         assert bits - 1.5 < average_bits(config, tiny_dit) <= bits
         assert {(e["w_bits"], e["a_bits"]) for e in config.values()} <= set(candidates)
     assert env_settings("W3A3") == (2, 3, 8, 32) and env_settings("W4A4") == (3, 4, 8, 32)
+
+
+def test_refine_sweeps_follow_the_search(tiny_dit, tiny_path, tmp_path):
+    out = tmp_path / "refined.json"
+    argv = ["search", "--model", tiny_path, "--method", "uniform", *FAST, "--refine-sweeps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "refined.results.json").read_text())
+    assert results["method"] == "uniform+refine" and results["settings"]["refine_sweeps"] == 1
+    assert results["evaluations"] > 3 and average_bits(load_config(out), tiny_dit) <= 4.0 + 1e-9

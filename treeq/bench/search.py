@@ -30,7 +30,10 @@ from ..search.run import SEARCH_RECIPE, run_search
 from ..search.space import DEFAULT_CANDIDATES
 
 TARGETS = ("W4A4", "W3A3")
-METHODS = ("uniform", "greedy", "ilp", "tss", "evo", "random")  # tss before evo and random: they match its count
+# tss before evo and random: they match its count. tss+refine: the tree search's result refined by
+# REFINE_SWEEPS coordinate-descent sweeps on the end-to-end metric (search/refine.py).
+METHODS = ("uniform", "greedy", "ilp", "tss", "tss+refine", "evo", "random")
+REFINE_SWEEPS = 2
 FOLDER = Path("runs") / "bench-search"
 
 
@@ -43,7 +46,9 @@ def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECI
     out = Path(folder) / f"{name or f'{target}-{method}'}.json"
     results = out.with_suffix(".results.json")
     if not results.exists():
-        run_search(recipe, target, method, out=out, evaluations=evaluations, env_bits=env_bits, progress=False)
+        base, _, refined = method.partition("+")
+        run_search(recipe, target, base, out=out, evaluations=evaluations, env_bits=env_bits, progress=False,
+                   refine_sweeps=REFINE_SWEEPS if refined else 0)
     return load_config(out), json.loads(results.read_text())
 
 

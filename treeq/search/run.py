@@ -17,6 +17,7 @@ from ..quant.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .objective import ModelObjective
+from .refine import refine
 from .space import DEFAULT_CANDIDATES, SearchSpace, parse_candidates
 from .state import LoggedScorer
 from .tree import expected_evaluations, tree_search
@@ -29,10 +30,11 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
-               log=None, cost="bops", progress=True, device=None):
+               log=None, cost="bops", progress=True, device=None, refine_sweeps=0):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
-    calibration, quantization and scoring run (default this rank's GPU if any, else the CPU)."""
+    calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
+    refine_sweeps: coordinate-descent sweeps on the end-to-end metric after the search (search/refine.py)."""
     from ..models.load import load
     from ..quant.apply import quantize
     from ..quant.calibration import load_or_collect, spread_rows
@@ -87,12 +89,15 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             result = search(scorer, space, costs, bits, evaluations, seed=seed)
         else:
             result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
+    if refine_sweeps:
+        result = refine(scorer, space, costs, bits, result, refine_sweeps)
     if writer:
         save_config(result.config, out)
         settings = {"recipe": recipe.to_dict(), "target": bits, "method": method, "env_bits": env_bits,
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
                     if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": len(calibration[0]),
-                    "readout_blocks": readout_blocks, "cost": cost, "seed": seed}
+                    "readout_blocks": readout_blocks, "cost": cost, "seed": seed,
+                    "refine_sweeps": refine_sweeps}
         text = json.dumps({"settings": settings, **result.summary(), "front": result.front}, indent=1)
         atomic_write(f"{stem}.results.json", lambda p: p.write_text(text))
         if method == "tss":
