@@ -158,3 +158,16 @@ def test_treeq_in_one_command_searches_with_the_branch_then_quantizes(tiny_path,
     assert isinstance(model.get_submodule("blocks.0.attn.qkv").branch, MonarchBranch)
     assert main(["quantize", "--model", tiny_path, "--target", "W4A4", "--config", "W3A3", "--out", str(run)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_line_sleeps_waiting_openmp_threads_unless_told_otherwise(given, expected):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, treeq.cli, sys; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

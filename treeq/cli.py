@@ -6,9 +6,16 @@ stderr and exit 2, never a traceback.
 """
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+
+# OpenMP threads that spin while waiting collapse when the cores are shared: a deployed W8A8 layer
+# on 2 threads beside other busy processes took 112 ms spinning against 44 ms sleeping
+# (scripts/thread_policy.py, docs/RESULTS.md). Read when torch loads OpenMP, so set before any import
+# of torch; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _load(args):
