@@ -230,6 +230,7 @@ _BENCHES = {
     "search": ("search", "bench_search", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "eng": ("search", "bench_eng", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "rank": ("search", "bench_rank", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
+    "paper": ("paper", "bench_paper", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "depth": ("search_analysis", "bench_depth", lambda a: {}),
     "locality": ("search_analysis", "bench_locality", lambda a: {}),
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
