@@ -171,3 +171,11 @@ def test_the_command_line_sleeps_waiting_openmp_threads_unless_told_otherwise(gi
     code = "import os, treeq.cli, sys; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(tiny_path, tmp_path, capsys):
+    for argv in (["quantize", "--model", tiny_path, "--out", str(tmp_path / "q")],
+                 ["sample", "--model", tiny_path, *FAST, "--out", str(tmp_path / "s")]):
+        assert main([*argv, "--device", "cuda"]) == 2
+        assert "--device cuda asked for, but torch sees no CUDA device" in capsys.readouterr().err

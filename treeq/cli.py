@@ -170,13 +170,14 @@ def cmd_info(args):
 
 def cmd_quantize(args):
     from .bits import average_bits
+    from .distributed import check_device
     from .memory import describe_peak_memory
     from .quant.apply import quantization_map
     from .quant.recipe import recipe_from_args
     from .quant.run import build, save_run
 
     recipe = recipe_from_args(args, sampling=_sampling_overrides(args))
-    device = _device(args.device)
+    device = check_device(args.device)
     if args.target:  # TreeQ in one command: search the bits with this recipe (its branch attached), then quantize
         from .search.run import run_search
         if args.bits != "W4A4":
@@ -328,15 +329,6 @@ def _add_sampling(parser, num_samples):
 def _cuda():
     import torch
     return torch.cuda.is_available()
-
-
-def _device(name):
-    """A torch.device from --device, refusing CUDA where torch sees none."""
-    import torch
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device")
-    return device
 
 
 class _Parser(argparse.ArgumentParser):

@@ -19,14 +19,20 @@ def world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def check_device(device):
+    """torch.device(device), refusing CUDA where torch sees none."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but torch sees no CUDA device")
+    return device
+
+
 def setup(device):
     """Join the process group when started by torchrun; returns (rank, world_size, device), the device
     made per-process (cuda:LOCAL_RANK) for CUDA."""
     rank, world_size = world()
-    device = torch.device(device)
+    device = check_device(device)
     if device.type == "cuda" and device.index is None:
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":

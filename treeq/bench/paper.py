@@ -51,7 +51,7 @@ def bench_paper(targets=TARGETS, regimes=REGIMES, methods=tuple(METHODS), num_sa
     """Rows {setting, regime, method, fid, sfid, inception_score, precision, recall, class_accuracy,
     psnr_vs_fp, size_mb, seconds}, the FP row first."""
     model = load("default")
-    fp_images, labels, fp_seconds = generate(model, num_samples, seed, progress=False)
+    fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
     rows = [{"setting": "FP32", "regime": "ptq", "method": "fp", **_columns(measure(fp_images, labels)),
              "size_mb": model_size_mb(model), "seconds": 0.0}]
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from ..models.registry import config_for
 from ..quant.apply import quantize
 from ..quant.calibration import collect_calibration
 from ..quant.integer import int_matmul
-from ..quant.quantizers import token_quant_params
+from ..quant.quantizers import quantize_weight, token_quant_params
 from ..quant.recipe import Recipe
 from .kernels import dit_linear_shapes
 
@@ -127,8 +127,8 @@ def bench_gpu_kernels(batch=8, repeats=7, iterations=20, seed=0):
 
 def _gpu_runtimes(x, weight):
     """name -> zero-argument call computing x @ weight.T as each runtime would inside a deployed layer."""
-    codes_w = torch.clamp((weight / (weight.abs().amax(1, keepdim=True) / 127)).round(), -127, 127).to(torch.int8)
-    scale_w = weight.abs().amax(1) / 127
+    weight_codes = quantize_weight(weight, 8)
+    codes_w, scale_w = weight_codes.codes, weight_codes.scale[:, 0]
     x16, w16 = x.bfloat16(), weight.bfloat16()
 
     def fp32():

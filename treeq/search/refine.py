@@ -11,7 +11,7 @@ re-runs only the blocks from that layer on.
 import time
 from dataclasses import replace
 
-from .baselines import _finite
+from .baselines import _finite, _leaf_costs
 from .space import budget_for
 
 
@@ -22,7 +22,7 @@ def refine(scorer, space, cost, target, result, sweeps=1):
         raise ValueError(f"sweeps must be a positive int, got {sweeps!r}")
     started = time.perf_counter()
     budget = budget_for(space, cost, target)
-    costs = [[cost.layer_cost(name, pair) for pair in pairs] for name, pairs in zip(space.layers, space.candidates)]
+    costs = _leaf_costs(space, cost)
     current = [pairs.index((entry["w_bits"], entry["a_bits"]))
                for pairs, entry in zip(space.candidates, (result.config[name] for name in space.layers))]
     total = sum(row[j] for row, j in zip(costs, current))

@@ -66,12 +66,11 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     calibration = load_or_collect(model, **recipe.calibration_options())
     if distributed and writer:
         torch.distributed.barrier()
-    scored_rows = spread_rows(calibration, calibration_rows)  # a bad row count is refused before quantizing
+    rows = spread_rows(calibration, calibration_rows)  # a bad row count is refused before quantizing
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
-    calibration = scored_rows
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
-    scorer = ModelObjective(quantized, calibration, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
+    scorer = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
     if distributed:
         from .distributed import DistributedScorer
         scorer = DistributedScorer(scorer)
@@ -95,7 +94,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         save_config(result.config, out)
         settings = {"recipe": recipe.to_dict(), "target": bits, "method": method, "env_bits": env_bits,
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
-                    if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": len(calibration[0]),
+                    if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": len(rows[0]),
                     "readout_blocks": readout_blocks, "cost": cost, "seed": seed,
                     "refine_sweeps": refine_sweeps}
         text = json.dumps({"settings": settings, **result.summary(), "front": result.front}, indent=1)
