@@ -226,12 +226,15 @@ def cmd_export(args):
 _BENCHES = {
     "fp": ("fp", "bench_fp", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "ptq": ("ptq", "bench_ptq", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
-                                           "settings": tuple(a.settings.split(","))}),
+                                           **_settings(a, "settings")}),
     "recipes": ("ptq", "bench_output_error", lambda a: {}),
     "search": ("search", "bench_search", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "eng": ("search", "bench_eng", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "rank": ("search", "bench_rank", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
-    "paper": ("paper", "bench_paper", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
+    "paper": ("paper", "bench_paper", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
+                                                 **_settings(a, "targets")}),
+    "ablation": ("paper", "bench_ablation", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
+                                                       **_settings(a, "targets")}),
     "depth": ("search_analysis", "bench_depth", lambda a: {}),
     "locality": ("search_analysis", "bench_locality", lambda a: {}),
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
@@ -240,6 +243,11 @@ _BENCHES = {
     "xl": ("xl", "bench_xl", lambda a: {"device": a.device, "model": a.model, "seed": a.seed}),
     "gpu-kernels": ("xl", "bench_gpu_kernels", lambda a: {"seed": a.seed}),
 }
+
+
+def _settings(args, keyword):
+    """{keyword: the --settings presets} when given: each bench has its own default."""
+    return {keyword: tuple(args.settings.split(","))} if args.settings else {}
 
 
 def cmd_bench(args):
@@ -433,8 +441,9 @@ def build_parser():
     bench.add_argument("which", choices=tuple(_BENCHES))
     bench.add_argument("--num-samples", type=_positive_int, default=500)
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--settings", default="W8A8,W4A8,W4A4,W3A3",
-                       help="ptq: presets to run (split a long bench over processes)")
+    bench.add_argument("--settings", default=None,
+                       help="ptq, paper, ablation: presets to run, e.g. W4A4,W3A3 (split a long bench over "
+                            "processes; default: the bench's own)")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="xl: cpu, cuda or cuda:N")
     bench.add_argument("--model", default=None, help="xl: a DiT-XL/2 checkpoint (default: random weights)")
     bench.add_argument("--json", action="store_true")

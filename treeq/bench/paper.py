@@ -1,4 +1,5 @@
-"""`treeq bench paper`: the TreeQ paper's main table on the embedded testbed.
+"""`treeq bench paper`: the TreeQ paper's main table on the embedded testbed; `treeq bench ablation`:
+its ablations.
 
 Rows: FP; the uniform baselines (RTN, Hadamard, smoothing, GPTQ, SVDQuant = smoothing + low-rank
 branch); integer-programming mixed precision (HAWQ-style ILP); TreeQ (tree search + ENG); TreeQ with
@@ -8,85 +9,177 @@ share as the Monarch one), at W4A4 and W3A3. Every row samples the same labels f
 
 The FP row is the reference of both regimes (its regime reads "ptq"). `size_mb`: quantized weights
 at their bits, everything else (branches, scales, biases, embeddings) at 32 bits. `seconds`: what
-the row cost to make: calibration, search, quantization and fine-tuning (a search that the bench
+the row cost to make: calibration, search, quantization and fine-tuning (a search that a bench
 folder already holds counts with its recorded time).
+
+Each finished row is kept in FOLDER/rows/, so an interrupted bench continues and a long one splits
+over processes (`--settings W4A4` and `--settings W3A3` side by side, then one run without it
+gathers every row); delete that folder after changing the code.
 """
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..bits import is_full_precision, preset_config, quantizable_layers
+from ..bits import average_bits, is_full_precision, preset_config, quantizable_layers
 from ..data import mnist
 from ..demo import BRANCH_RATIO, treeq_recipe
 from ..experiment import generate, measure
+from ..io import atomic_write
 from ..models.load import load
 from ..quant.apply import quantize
 from ..quant.calibration import load_or_collect
 from ..quant.finetune import FinetuneConfig, finetune_
 from ..quant.recipe import Recipe
+from ..quant.statistics import quantized_layers
 from ..search.run import SEARCH_RECIPE
 from .ptq import baseline_recipe
-from .search import FOLDER, searched
+from .search import ENG_FOLDER, FOLDER, env_settings, searched
 
 TARGETS = ("W4A4", "W3A3")
 REGIMES = ("ptq", "peft")
 COLUMNS = ("fid", "sfid", "inception_score", "precision", "recall", "class_accuracy", "psnr_vs_fp")
-# row name -> (recipe, search method or None for the uniform preset)
+PAPER_FOLDER = Path("runs") / "bench-paper"
+BRANCHES = ("lowrank", "monarch")
+
+
+@dataclass(frozen=True)
+class Search:
+    """Where a row's bit configuration comes from: a search run, read back from `folder` when it is
+    already there (searches on the search recipe are shared with `treeq bench search`)."""
+    method: str = "tss"
+    recipe: Recipe = field(default_factory=lambda: SEARCH_RECIPE)
+    folder: Path = FOLDER
+    name: str = "{target}-{method}"  # file stem
+    options: dict = field(default_factory=dict)  # more run_search keywords: queue_size, env_bits
+
+    def config(self, target):
+        return searched(target, self.method, self.folder, recipe=self.recipe,
+                        name=self.name.format(target=target, method=self.method), **self.options)
+
+
+# row name -> (recipe, the search that gives its bits; None: the uniform preset of the target)
 METHODS = {
     "rtn": (Recipe(methods=("rtn",), activations="dynamic-asym"), None),
     "hadamard": (Recipe(methods=("hadamard",), activations="dynamic-asym"), None),
     "smooth": (Recipe(methods=("smooth",), activations="dynamic-asym"), None),
     "gptq": (Recipe(methods=("gptq",), activations="dynamic-asym"), None),
     "svdquant": (baseline_recipe("smooth,lowrank", "dynamic-asym"), None),
-    "ilp": (SEARCH_RECIPE, "ilp"),
-    "treeq": (SEARCH_RECIPE, "tss"),
-    "treeq+gmb": (treeq_recipe(), "tss"),
+    "ilp": (SEARCH_RECIPE, Search("ilp")),
+    "treeq": (SEARCH_RECIPE, Search()),
+    # the search scores every candidate with the branch attached
+    "treeq+gmb": (treeq_recipe(), Search(recipe=treeq_recipe(), folder=PAPER_FOLDER, name="{target}-tss-gmb")),
 }
-PAPER_FOLDER = Path("runs") / "bench-paper"
+# the ablations' rows: TreeQ's configuration with each branch, at other queue sizes and ENG settings
+VARIANTS = {
+    "treeq-lowrank": (SEARCH_RECIPE.with_branch("lowrank", ratio=BRANCH_RATIO), Search()),
+    "treeq-monarch": (treeq_recipe(), Search()),
+    **{f"treeq-q{q}": (SEARCH_RECIPE, Search(folder=PAPER_FOLDER, name=f"{{target}}-tss-q{q}",
+                                             options={"queue_size": q})) for q in (4, 8)},
+    **{f"treeq-monarch-e{e}": (treeq_recipe(), Search(folder=ENG_FOLDER, name=f"{{target}}-e{e}",
+                                                      options={"env_bits": e})) for e in (2, 3, 8, 32)},
+}
+ROWS = {**METHODS, **VARIANTS}
 
 
 def bench_paper(targets=TARGETS, regimes=REGIMES, methods=tuple(METHODS), num_samples=250, seed=0,
                 finetune=FinetuneConfig(), folder=PAPER_FOLDER):
     """Rows {setting, regime, method, fid, sfid, inception_score, precision, recall, class_accuracy,
     psnr_vs_fp, size_mb, seconds}, the FP row first."""
-    model = load("default")
-    fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
-    rows = [{"setting": "FP32", "regime": "ptq", "method": "fp", **_columns(measure(fp_images, labels)),
-             "size_mb": model_size_mb(model), "seconds": 0.0}]
-    started = time.perf_counter()
-    calibration = load_or_collect(model, **SEARCH_RECIPE.calibration_options())
-    calibration_seconds = time.perf_counter() - started
-    training = mnist("train") if "peft" in regimes else None
+    bench = _Bench(num_samples, seed, finetune, folder)
     runs = [(target, regime, method) for target in targets for regime in regimes for method in methods]
+    rows = [bench.fp_row()]
     for target, regime, method in tqdm(runs, desc="bench paper"):
-        quantized, seconds = _make(model, target, regime, method, calibration, training, finetune, folder)
-        images, _, _ = generate(quantized, num_samples, seed, progress=False)
-        rows.append({"setting": target, "regime": regime, "method": method,
-                     **_columns(measure(images, labels, fp_images)), "size_mb": model_size_mb(quantized),
-                     "seconds": calibration_seconds + seconds})
+        rows.append(bench.row(target, regime, method))
     return rows
 
 
-def _make(model, target, regime, method, calibration, training, finetune, folder):
-    """(quantized model, seconds spent on search, quantization and fine-tuning) of one row."""
-    recipe, search = METHODS[method]
-    seconds = 0.0
-    if search is None:
-        config = preset_config(model, target)
-    else:
-        branch = "gmb" if recipe is not SEARCH_RECIPE else None
-        # searches on the search recipe are shared with `treeq bench search`
-        config, summary = searched(target, search, FOLDER if branch is None else folder, recipe=recipe,
-                                   name=f"{target}-{search}" + (f"-{branch}" if branch else ""))
-        seconds += summary["seconds"]
-    if regime == "peft" and not any(name in recipe.methods for name in ("lowrank", "monarch")):
-        recipe = recipe.with_branch("lowrank", ratio=BRANCH_RATIO)  # QLoRA: a LoRA branch to train
-    started = time.perf_counter()
-    quantized = quantize(model, config, recipe, calibration=calibration)
-    if regime == "peft":
-        finetune_(quantized, model, *training, finetune, Path(folder) / f"{target}-{method}-peft", progress=False)
-    return quantized.eval(), seconds + time.perf_counter() - started
+def ablation_runs(target):
+    """[(ablation, variant, regime, row name)]: the branch at equal parameters (none, low-rank, Monarch
+    on TreeQ's configuration), the tree's queue size, and ENG's e under PTQ and PEFT (with GMB)."""
+    bits = int(target[1])
+    runs = [("branch", "none", "ptq", "treeq"), ("branch", "lowrank", "ptq", "treeq-lowrank"),
+            ("branch", "lowrank", "peft", "treeq")]  # the paper's PEFT row of TreeQ: the same LoRA branch
+    runs += [("branch", "monarch", regime, "treeq-monarch") for regime in REGIMES]
+    runs += [("queue_size", str(q), "ptq", f"treeq-q{q}") for q in (4, 8)] + [("queue_size", "16", "ptq", "treeq")]
+    for env_bits in env_settings(target):
+        name = "treeq-monarch" if env_bits == bits else f"treeq-monarch-e{env_bits}"
+        runs += [("env_bits", str(env_bits), regime, name) for regime in REGIMES]
+    return runs
+
+
+def bench_ablation(targets=("W3A3",), num_samples=250, seed=0, finetune=FinetuneConfig(), folder=PAPER_FOLDER):
+    """Rows {ablation, setting, variant, regime, branch_params, branch_macs_per_token, fid, sfid, class_accuracy,
+    psnr_vs_fp, bops_bits}; they share the paper bench's rows (treeq, and its LoRA PEFT row)."""
+    bench = _Bench(num_samples, seed, finetune, folder)
+    runs = [(target, *run) for target in targets for run in ablation_runs(target)]
+    rows = []
+    for target, ablation, variant, regime, name in tqdm(runs, desc="bench ablation"):
+        row = bench.row(target, regime, name)
+        rows.append({"ablation": ablation, "setting": target, "variant": variant, "regime": regime,
+                     **{key: row[key] for key in ("branch_params", "branch_macs_per_token", "fid", "sfid",
+                                                  "class_accuracy", "psnr_vs_fp", "bops_bits")}})
+    return rows
+
+
+class _Bench:
+    """The FP samples, calibration and training digits every row shares, and the rows kept on disk."""
+
+    def __init__(self, num_samples, seed, finetune, folder):
+        self.num_samples, self.seed, self.finetune, self.folder = num_samples, seed, finetune, Path(folder)
+        self.model = load("default")
+        self.fp_images, self.labels, _ = generate(self.model, num_samples, seed, progress=False)
+        started = time.perf_counter()
+        self.calibration = load_or_collect(self.model, **SEARCH_RECIPE.calibration_options())
+        self.calibration_seconds = time.perf_counter() - started
+        self._training = None
+
+    def fp_row(self):
+        return {"setting": "FP32", "regime": "ptq", "method": "fp",
+                **_columns(measure(self.fp_images, self.labels)), "size_mb": model_size_mb(self.model),
+                "seconds": 0.0}
+
+    def row(self, target, regime, method):
+        """One row, read back from the rows folder when it was made with these samples and seed."""
+        path = self.folder / "rows" / f"{target}-{regime}-{method}.json"
+        key = {"num_samples": self.num_samples, "seed": self.seed, "finetune_steps": self.finetune.steps}
+        if path.exists() and json.loads(path.read_text())["key"] == key:
+            return json.loads(path.read_text())["row"]
+        quantized, seconds, bops_bits = self._make(target, regime, method)
+        images, _, _ = generate(quantized, self.num_samples, self.seed, progress=False)
+        branches = [layer.branch for layer in quantized_layers(quantized).values() if layer.branch is not None]
+        row = {"setting": target, "regime": regime, "method": method,
+               **_columns(measure(images, self.labels, self.fp_images)), "size_mb": model_size_mb(quantized),
+               "seconds": self.calibration_seconds + seconds, "bops_bits": bops_bits,
+               "branch_params": sum(branch.parameter_count() for branch in branches),
+               "branch_macs_per_token": sum(branch.macs_per_token() for branch in branches)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "row": row}, indent=1)))
+        return row
+
+    def _make(self, target, regime, method):
+        """(quantized model, seconds spent on search, quantization and fine-tuning, BOPs bits) of one row."""
+        if method not in ROWS:
+            raise ValueError(f"unknown bench row {method!r}; known: {', '.join(ROWS)}")
+        recipe, search = ROWS[method]
+        seconds = 0.0
+        if search is None:
+            config = preset_config(self.model, target)
+        else:
+            config, summary = search.config(target)
+            seconds += summary["seconds"]
+        if regime == "peft" and not any(name in recipe.methods for name in BRANCHES):
+            recipe = recipe.with_branch("lowrank", ratio=BRANCH_RATIO)  # QLoRA: a LoRA branch to train
+        started = time.perf_counter()
+        quantized = quantize(self.model, config, recipe, calibration=self.calibration)
+        if regime == "peft":
+            if self._training is None:
+                self._training = mnist("train")
+            finetune_(quantized, self.model, *self._training, self.finetune,
+                      self.folder / f"{target}-{method}-peft", progress=False)
+        return quantized.eval(), seconds + time.perf_counter() - started, average_bits(config, self.model)
 
 
 def model_size_mb(model):

@@ -40,15 +40,16 @@ FOLDER = Path("runs") / "bench-search"
 ENG_FOLDER = Path("runs") / "bench-eng"
 
 
-def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECIPE, env_bits=None, name=None):
+def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECIPE, env_bits=None, name=None,
+             **options):
     """(config, summary) of one search, run now unless its files are already in `folder` (as `name`,
-    default <target>-<method>)."""
+    default <target>-<method>). options: more run_search keywords (queue_size)."""
     out = Path(folder) / f"{name or f'{target}-{method}'}.json"
     results = out.with_suffix(".results.json")
     if not results.exists():
         base, _, refined = method.partition("+")
         run_search(recipe, target, base, out=out, evaluations=evaluations, env_bits=env_bits, progress=False,
-                   refine_sweeps=REFINE_SWEEPS if refined else 0)
+                   refine_sweeps=REFINE_SWEEPS if refined else 0, **options)
     return load_config(out), json.loads(results.read_text())
 
 
