@@ -65,3 +65,46 @@ def test_learned_branches_survive_the_run_folder(tiny_dit, data, tmp_path, monke
     x, t, y = data[0][:2], torch.tensor([5, 700]), data[1][:2]
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), student(x, t, y))
+
+
+def test_step_sizes_train_with_fixed_codes_and_survive_the_run_folder(tiny_dit, data, tmp_path, monkeypatch):
+    import treeq.quant.run as run_module
+    from treeq.quant.statistics import quantized_layers
+    recipe = Recipe(model="unused", methods=["rtn"])
+    student = quantize(tiny_dit, uniform_config(tiny_dit, 3, 3), recipe)
+    fresh = {name: layer.quantized_weight() for name, layer in quantized_layers(student).items()}
+    weights = {name: p.detach().clone() for name, p in student.named_parameters()}
+    losses = finetune_(student, tiny_dit, *data, FinetuneConfig(steps=30, batch_size=8, lr=3e-3, step_sizes=True),
+                       tmp_path, progress=False)
+    assert sum(losses[-5:]) < 0.95 * sum(losses[:5])
+    assert all(torch.equal(p, weights[name]) for name, p in student.named_parameters())  # the base is frozen
+    for name, layer in quantized_layers(student).items():
+        trained = layer.quantized_weight()
+        assert layer.step_gain is None and torch.equal(trained.codes, fresh[name].codes), name
+        assert not torch.equal(trained.scale, fresh[name].scale), name  # the gains went into the scales
+    save_run(tmp_path / "run", recipe, student)
+    monkeypatch.setattr(run_module, "load", lambda spec: tiny_dit)
+    _, loaded = load_run(tmp_path / "run")
+    x, t, y = data[0][:2], torch.tensor([5, 700]), data[1][:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), student(x, t, y))
+
+
+def test_folding_the_step_gains_keeps_the_layer_output(tiny_dit):
+    from treeq.quant.statistics import quantized_layers
+    student = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4), Recipe(model="unused", methods=["rtn"],
+                                                                       group_size=8))
+    layer = next(iter(quantized_layers(student).values()))
+    with torch.no_grad():
+        layer.train_step_sizes_().uniform_(0.5, 1.5)
+        x = torch.randn(3, layer.in_features)
+        before = layer(x)
+        layer.fold_step_sizes_()
+        assert layer.step_gain is None and torch.allclose(layer(x), before, atol=1e-5)
+
+
+def test_step_sizes_is_a_switch_on_the_command_line():
+    from treeq.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["finetune", "--quant", "a", "--out", "b", "--step-sizes"]).step_sizes is True
+    assert parse(["finetune", "--quant", "a", "--out", "b"]).step_sizes is False

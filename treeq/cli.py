@@ -423,12 +423,17 @@ def build_parser():
     quant.set_defaults(func=cmd_quantize)
 
     from .quant.finetune import FinetuneConfig
-    finetune = sub.add_parser("finetune", help="QLoRA-style: train the branches of a quantized run against FP")
+    finetune = sub.add_parser("finetune", help="QLoRA-style: train the branches (and with --step-sizes the weight step "
+                                      "sizes) of a quantized run against FP")
     finetune.add_argument("--quant", required=True, help="a run folder written by `treeq quantize`")
     finetune.add_argument("--out", required=True, help="the fine-tuned run folder (also holds the checkpoint)")
     for field in fields(FinetuneConfig):
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type is bool:
+            finetune.add_argument(flag, action="store_true")
+            continue
         kind = _positive_int if field.type is int and field.name != "seed" else type(field.default)
-        finetune.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+        finetune.add_argument(flag, type=kind, default=field.default)
     finetune.add_argument("--resume", action="store_true", help="continue from OUT/finetune_checkpoint.pt")
     finetune.set_defaults(func=cmd_finetune)
 

@@ -5,6 +5,10 @@ is the full-precision model the recipe names. The loss is the MSE between their 
 (x_t, t, y): training images noised to a uniformly drawn step, labels dropped to the null class at
 the rate classifier-free guidance was trained with. Every draw comes from one seeded generator kept
 in the checkpoint, so a resumed run continues exactly where an uninterrupted one would have been.
+
+With `step_sizes` the weight quantizers' step sizes train too (LSQ-style, the codes held fixed: a
+gain on each per-channel or per-group scale). At the end the gains are folded into the scales and the
+codes become the layer's fixed, calibrated codes, so the run is bound to its bit configuration.
 """
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +18,7 @@ from tqdm import tqdm
 
 from ..diffusion.loss import GaussianDiffusion
 from ..io import atomic_write
+from ..bits import is_full_precision
 from .statistics import quantized_layers
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
@@ -27,6 +32,7 @@ class FinetuneConfig:
     label_dropout: float = 0.1  # share of null-class labels, as the testbed was trained
     seed: int = 0
     checkpoint_every: int = 50
+    step_sizes: bool = False    # also train the weight quantizers' step sizes (LSQ-style, codes fixed)
 
 
 def branch_parameters(model):
@@ -38,16 +44,23 @@ def branch_parameters(model):
     return parameters
 
 
+def step_size_parameters(model):
+    """{name: gain} on the weight step sizes of every layer with quantized weights, made trainable."""
+    layers = {name: layer for name, layer in quantized_layers(model).items() if not is_full_precision(layer.w_bits)}
+    return {f"{name}.step_gain": layer.step_gain if layer.step_gain is not None else layer.train_step_sizes_()
+            for name, layer in layers.items()}
+
+
 def finetune_(student, teacher, images, labels, config, folder, *, resume=False, progress=True):
     """Train `student`'s branches in place to match `teacher`; returns the per-step losses.
 
     Writes `folder/finetune_checkpoint.pt` every `checkpoint_every` steps (branch parameters,
     optimizer, generator, losses); `resume=True` continues from it.
     """
-    trainable = branch_parameters(student)
+    trainable = {**branch_parameters(student), **(step_size_parameters(student) if config.step_sizes else {})}
     if not trainable:
         raise ValueError("the quantized model has no branch to fine-tune; quantize with a branch method "
-                         "(e.g. --method hadamard,monarch or --method lowrank)")
+                         "(e.g. --method hadamard,monarch or --method lowrank), or train --step-sizes")
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     for parameter in trainable.values():
@@ -83,11 +96,13 @@ def finetune_(student, teacher, images, labels, config, folder, *, resume=False,
                 _save(checkpoint_path, trainable, optimizer, generator, losses, config)
     for parameter in trainable.values():
         parameter.requires_grad_(False)
+    for layer in quantized_layers(student).values():
+        layer.fold_step_sizes_()
     return losses
 
 
 def _save(path, trainable, optimizer, generator, losses, config):
-    state = {"branches": {name: p.detach().clone() for name, p in trainable.items()}, "optimizer": optimizer.state_dict(),
+    state = {"trainable": {name: p.detach().clone() for name, p in trainable.items()}, "optimizer": optimizer.state_dict(),
              "generator": generator.get_state(), "losses": losses, "config": asdict(config)}
     atomic_write(path, lambda p: torch.save(state, p))
 
@@ -101,11 +116,11 @@ def _restore(path, trainable, optimizer, generator, config):
                      if key not in ("steps", "checkpoint_every") and value != asdict(config)[key])
     if changed:
         raise ValueError(f"{path} was written with other settings ({', '.join(changed)}); resume with the same ones")
-    if set(state["branches"]) != set(trainable):
-        raise ValueError(f"{path} holds branches of another model")
+    if set(state["trainable"]) != set(trainable):
+        raise ValueError(f"{path} holds the parameters of another model or other settings")
     with torch.no_grad():
         for name, parameter in trainable.items():
-            parameter.copy_(state["branches"][name])
+            parameter.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     return len(state["losses"]), list(state["losses"])

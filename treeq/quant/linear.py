@@ -57,6 +57,7 @@ class QuantLinear(nn.Linear):
         self.register_module("input_transform", input_transform)
         self.register_module("branch", branch)
         self.register_buffer("_snapshot", None, persistent=False)
+        self.register_parameter("step_gain", None)  # while step sizes train: a gain on each weight scale
         self.rounded_weights, self.act_scales, self._codes, self._stamp = {}, {}, {}, None
         self._dequantized = None  # (codes it came from, float weight): the forward's weight at the current bits
         self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
@@ -116,6 +117,9 @@ class QuantLinear(nn.Linear):
         if self._dequantized is None or self._dequantized[0] is not quantized:  # one float copy, current bits
             with torch.no_grad(), torch.inference_mode(False):
                 self._dequantized = (quantized, dequantize_weight(quantized).to(self.weight.dtype))
+        if self.step_gain is not None:  # step sizes in training: each scale times its gain
+            return self._dequantized[1] * self.step_gain.repeat_interleave(
+                self.in_features // self.step_gain.shape[1], dim=1)
         return self._dequantized[1]
 
     def quantized_weight(self):
@@ -142,6 +146,23 @@ class QuantLinear(nn.Linear):
         self._drop_stale_codes()
         self.rounding = "gptq"
         self.rounded_weights[quantized.bits] = quantized
+
+    def train_step_sizes_(self):
+        """Make the weight's step sizes (its per-channel or per-group scales) trainable, LSQ-style with
+        the codes held fixed: the forward uses (codes - zero_point) * scale * step_gain, gain 1 at first."""
+        scale = self.quantized_weight().scale
+        self.step_gain = nn.Parameter(torch.ones_like(scale))
+        return self.step_gain
+
+    def fold_step_sizes_(self):
+        """Write the trained gains into the scales of the current codes (kept as fixed, calibrated codes)."""
+        if self.step_gain is None:
+            return
+        quantized = self.quantized_weight()
+        gain = self.step_gain.detach().to(quantized.scale.dtype)
+        self.step_gain = None
+        self.set_rounded_weight(QuantizedWeight(quantized.codes, quantized.scale * gain, quantized.zero_point,
+                                                quantized.bits, quantized.group_size))
 
     def set_input_transform(self, transform, folded_weight):
         """Install T and the weight with T's inverse folded in, so the float output is unchanged."""
