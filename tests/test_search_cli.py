@@ -102,3 +102,17 @@ def test_refine_sweeps_follow_the_search(tiny_dit, tiny_path, tmp_path):
     results = json.loads((tmp_path / "refined.results.json").read_text())
     assert results["method"] == "uniform+refine" and results["settings"]["refine_sweeps"] == 1
     assert results["evaluations"] > 3 and average_bits(load_config(out), tiny_dit) <= 4.0 + 1e-9
+
+
+def test_seed_ilp_runs_the_integer_program_first_and_the_tree_ends_at_or_below_it(tiny_dit, tiny_path, tmp_path):
+    assert main(["search", "--model", tiny_path, "--method", "ilp", *FAST, "--out", str(tmp_path / "ilp.json")]) == 0
+    out = tmp_path / "seeded.json"
+    assert main(["search", "--model", tiny_path, "--method", "tss", *FAST, "--seed-ilp", "--out", str(out)]) == 0
+    seeded = json.loads((tmp_path / "seeded.results.json").read_text())
+    ilp = json.loads((tmp_path / "ilp.results.json").read_text())
+    ilp_lines = (tmp_path / "seeded.ilp.log.jsonl").read_text().splitlines()
+    tree_lines = (tmp_path / "seeded.log.jsonl").read_text().splitlines()
+    assert seeded["method"] == "tss+ilp" and seeded["settings"]["seed_ilp"] is True
+    assert len(ilp_lines) == ilp["evaluations"] and seeded["evaluations"] == len(ilp_lines) + len(tree_lines)
+    assert seeded["metric"] <= ilp["metric"] + 1e-12 and average_bits(load_config(out), tiny_dit) <= 4.0 + 1e-9
+    assert main(["search", "--model", tiny_path, "--method", "ilp", *FAST, "--seed-ilp", "--out", str(out)]) == 2

@@ -185,3 +185,17 @@ def test_tree_search_evaluations_grow_linearly_with_depth():
     per_layer = [count / row["layers"] for count, row in zip(counts, rows)]
     assert counts[0] < counts[1] < counts[2] and max(per_layer) < 1.2 * min(per_layer)
     assert rows[-1]["exhaustive_log10"] == 40 * math.log10(8)
+
+
+def test_a_seed_stays_in_every_queue_so_the_root_never_ends_above_it():
+    space, cost, target = coupled_problem()
+    scorer = CoupledScorer()
+    optimum = brute_force(scorer, space, cost, target)
+    plain = tree_search(scorer, space, cost, target, queue_size=4, progress=False)
+    assert plain.metric > scorer.full(optimum) + 0.1  # the thinning dropped what the optimum needs
+    seeded = tree_search(scorer, space, cost, target, queue_size=4, progress=False, seeds=[optimum])
+    assert seeded.metric == pytest.approx(scorer.full(optimum))
+    assert [(v["w_bits"], v["a_bits"]) for v in seeded.config.values()] == list(optimum)
+    assert all(len(node["kept"]) <= 5 for level in seeded.levels for node in level)  # the queue plus the seed
+    with pytest.raises(ValueError, match="keep the budget"):
+        tree_search(scorer, space, cost, target, queue_size=4, progress=False, seeds=[(HIGH,) * 8])

@@ -274,8 +274,8 @@ def cmd_search(args):
                         queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
                         readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks,
                         evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost,
-                        device=args.device, refine_sweeps=args.refine_sweeps)
-    print(f"{args.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
+                        device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp)
+    print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
 
@@ -309,6 +309,9 @@ def _add_search(sub):
     search.add_argument("--refine-sweeps", type=int, default=0,
                         help="after the search, this many coordinate-descent sweeps on the end-to-end metric "
                              "within the budget (0: none)")
+    search.add_argument("--seed-ilp", action="store_true",
+                        help="tss: run the integer program first and keep its configuration in every node's queue "
+                             "(the tree then ends at or below its metric)")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--resume", action="store_true", help="continue from the state file beside --out")
     search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")

@@ -31,8 +31,9 @@ from ..search.space import DEFAULT_CANDIDATES
 
 TARGETS = ("W4A4", "W3A3")
 # tss before evo and random: they match its count. tss+refine: the tree search's result refined by
-# REFINE_SWEEPS coordinate-descent sweeps on the end-to-end metric (search/refine.py).
-METHODS = ("uniform", "greedy", "ilp", "tss", "tss+refine", "evo", "random")
+# REFINE_SWEEPS coordinate-descent sweeps on the end-to-end metric (search/refine.py). tss+ilp: the
+# tree seeded with the integer program's configuration (run_search's seed_ilp).
+METHODS = ("uniform", "greedy", "ilp", "tss", "tss+refine", "tss+ilp", "evo", "random")
 REFINE_SWEEPS = 2
 FOLDER = Path("runs") / "bench-search"
 
@@ -47,9 +48,9 @@ def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECI
     out = Path(folder) / f"{name or f'{target}-{method}'}.json"
     results = out.with_suffix(".results.json")
     if not results.exists():
-        base, _, refined = method.partition("+")
+        base, _, extra = method.partition("+")
         run_search(recipe, target, base, out=out, evaluations=evaluations, env_bits=env_bits, progress=False,
-                   refine_sweeps=REFINE_SWEEPS if refined else 0, **options)
+                   refine_sweeps=REFINE_SWEEPS if extra == "refine" else 0, seed_ilp=extra == "ilp", **options)
     return load_config(out), json.loads(results.read_text())
 
 

@@ -30,17 +30,21 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
-               log=None, cost="bops", progress=True, device=None, refine_sweeps=0):
+               log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
-    refine_sweeps: coordinate-descent sweeps on the end-to-end metric after the search (search/refine.py)."""
+    refine_sweeps: coordinate-descent sweeps on the end-to-end metric after the search (search/refine.py).
+    seed_ilp: tree search only: run the integer program first (its scores logged to <stem>.ilp.log.jsonl)
+    and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp"."""
     from ..models.load import load
     from ..quant.apply import quantize
     from ..quant.calibration import load_or_collect, spread_rows
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
+    if seed_ilp and method != "tss":
+        raise ValueError("seed_ilp seeds the tree search (method tss) with the integer program's configuration")
     bits = parse_target(target)
     env_bits = _default_env_bits(bits) if env_bits is None else env_bits
     if candidates is None:
@@ -70,7 +74,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
-    scorer = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
+    objective = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
+    scorer = objective
     if distributed:
         from .distributed import DistributedScorer
         scorer = DistributedScorer(scorer)
@@ -78,8 +83,17 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     stem = out.with_suffix("")
     log = log or f"{stem}.log.jsonl"
     if method == "tss":
+        hawq = None
+        if seed_ilp:
+            objective.set_env_bits(32)  # HAWQ's sensitivities: the rest of the network in full precision
+            hawq = ilp(LoggedScorer(scorer, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs, bits)
+            objective.set_env_bits(env_bits)
+        seeds = [tuple((e["w_bits"], e["a_bits"]) for e in map(hawq.config.get, space.layers))] if hawq else []
         result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
-                             log_path=log, resume=resume, progress=progress, writer=writer)
+                             log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds)
+        if hawq:
+            result = replace(result, method="tss+ilp", evaluations=result.evaluations + hawq.evaluations,
+                             seconds=result.seconds + hawq.seconds)
     else:
         scorer = LoggedScorer(scorer, space, costs, log, writer=writer)
         if method in ("evo", "random"):
@@ -96,7 +110,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
                     if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": len(rows[0]),
                     "readout_blocks": readout_blocks, "cost": cost, "seed": seed,
-                    "refine_sweeps": refine_sweeps}
+                    "refine_sweeps": refine_sweeps, "seed_ilp": seed_ilp}
         text = json.dumps({"settings": settings, **result.summary(), "front": result.front}, indent=1)
         atomic_write(f"{stem}.results.json", lambda p: p.write_text(text))
         if method == "tss":

@@ -60,7 +60,7 @@ def expected_evaluations(space, queue_size):
 
 
 def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, log_path=None, resume=False,
-                progress=True, chunk_size=64, writer=None):
+                progress=True, chunk_size=64, writer=None, seeds=()):
     """Search `space` for the lowest-metric configuration within `target` average bits.
 
     scorer.score(start, end, assignments) -> metrics: one per assignment, an assignment being the
@@ -72,8 +72,15 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     state_path / log_path: state rewritten after every node, JSON lines of every scored candidate;
     resume=True continues from the state file. writer: whether this process writes files
     (default: rank 0 when torch.distributed is initialised, else True).
+    seeds: whole assignments within the budget (e.g. the integer program's) whose part in each node
+    stays in its queue beyond `queue_size`: the root scores them and their mixes with the tree's
+    own candidates, so it never ends above a seed's metric.
     """
     budget = budget_for(space, cost, target)
+    seeds = [tuple(tuple(pair) for pair in seed) for seed in seeds]
+    if any(len(seed) != len(space) or not cost.within(cost.assignment_cost(space.layers, seed), budget)
+           for seed in seeds):
+        raise ValueError("a seed must assign every layer and keep the budget")
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
     writer = _is_rank_zero() if writer is None else writer
@@ -82,7 +89,8 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     cheapest = list(itertools.accumulate((min(costs) for costs in leaf_costs), initial=0))
     levels = tree_levels(len(space))
     settings = {"layers": space.layers, "candidates": space.candidates, "cost": cost.name, "budget": budget,
-                "queue_size": queue_size, "scorer": getattr(scorer, "settings", None)}
+                "queue_size": queue_size, "scorer": getattr(scorer, "settings", None),
+                **({"seeds": [[list(pair) for pair in seed] for seed in seeds]} if seeds else {})}
     state = SearchState(settings, state_path, log_path, resume=resume, writer=writer)
     evaluations, started = state.evaluations, time.perf_counter()
     bar = tqdm(total=expected_evaluations(space, queue_size), initial=evaluations, unit="eval",
@@ -116,6 +124,10 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                 evaluations += len(feasible)
                 scored = [c._replace(metric=m) for c, m in zip(feasible, metrics)]
                 kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], queue_size)
+                protected = {seed[start:end] for seed in seeds}
+                kept = sorted(kept + [i for i in dropped if scored[i].bits in protected],
+                              key=lambda i: (scored[i].cost, scored[i].metric, i))
+                dropped = [i for i in dropped if scored[i].bits not in protected]
                 queue = [scored[i] for i in kept]
                 segment = space.layers[start:end]
                 point = lambda c: [cost.segment_average(c.cost, segment), c.metric]  # noqa: E731
