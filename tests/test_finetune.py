@@ -55,10 +55,9 @@ def test_a_model_without_branches_is_refused(tiny_dit, data, tmp_path):
         finetune_(student, tiny_dit, *data, FinetuneConfig(steps=1), tmp_path, progress=False)
 
 
-def test_learned_branches_survive_the_run_folder(tiny_dit, data, tmp_path, monkeypatch):
+def assert_reloads_equal(recipe, student, tiny_dit, data, tmp_path, monkeypatch):
+    """The run folder of `student` reloads to the same outputs."""
     import treeq.quant.run as run_module
-    recipe, student = student_of(tiny_dit)
-    finetune_(student, tiny_dit, *data, FinetuneConfig(steps=3, batch_size=4), tmp_path, progress=False)
     save_run(tmp_path / "run", recipe, student)
     monkeypatch.setattr(run_module, "load", lambda spec: tiny_dit)
     _, loaded = load_run(tmp_path / "run")
@@ -67,8 +66,13 @@ def test_learned_branches_survive_the_run_folder(tiny_dit, data, tmp_path, monke
         assert torch.equal(loaded(x, t, y), student(x, t, y))
 
 
+def test_learned_branches_survive_the_run_folder(tiny_dit, data, tmp_path, monkeypatch):
+    recipe, student = student_of(tiny_dit)
+    finetune_(student, tiny_dit, *data, FinetuneConfig(steps=3, batch_size=4), tmp_path, progress=False)
+    assert_reloads_equal(recipe, student, tiny_dit, data, tmp_path, monkeypatch)
+
+
 def test_step_sizes_train_with_fixed_codes_and_survive_the_run_folder(tiny_dit, data, tmp_path, monkeypatch):
-    import treeq.quant.run as run_module
     from treeq.quant.statistics import quantized_layers
     recipe = Recipe(model="unused", methods=["rtn"])
     student = quantize(tiny_dit, uniform_config(tiny_dit, 3, 3), recipe)
@@ -82,12 +86,7 @@ def test_step_sizes_train_with_fixed_codes_and_survive_the_run_folder(tiny_dit, 
         trained = layer.quantized_weight()
         assert layer.step_gain is None and torch.equal(trained.codes, fresh[name].codes), name
         assert not torch.equal(trained.scale, fresh[name].scale), name  # the gains went into the scales
-    save_run(tmp_path / "run", recipe, student)
-    monkeypatch.setattr(run_module, "load", lambda spec: tiny_dit)
-    _, loaded = load_run(tmp_path / "run")
-    x, t, y = data[0][:2], torch.tensor([5, 700]), data[1][:2]
-    with torch.no_grad():
-        assert torch.equal(loaded(x, t, y), student(x, t, y))
+    assert_reloads_equal(recipe, student, tiny_dit, data, tmp_path, monkeypatch)
 
 
 def test_folding_the_step_gains_keeps_the_layer_output(tiny_dit):
