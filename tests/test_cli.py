@@ -179,3 +179,16 @@ def test_cuda_without_a_gpu_is_one_line(tiny_path, tmp_path, capsys):
                  ["sample", "--model", tiny_path, *FAST, "--out", str(tmp_path / "s")]):
         assert main([*argv, "--device", "cuda"]) == 2
         assert "--device cuda asked for, but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_quantize_passes_the_ilp_seed_to_its_search(tiny_path, tmp_path, monkeypatch):
+    import treeq.search.run as run_module
+    calls = []
+
+    def run_search(*args, **kwargs):
+        calls.append(kwargs)
+        raise ValueError("stop after the search call")
+    monkeypatch.setattr(run_module, "run_search", run_search)
+    argv = ["quantize", "--model", tiny_path, "--target", "W3A3", "--seed-ilp", "--out", str(tmp_path / "q")]
+    assert main(argv) == 2 and calls[0]["seed_ilp"] is True
+    assert main(argv[:5] + argv[6:]) == 2 and calls[1]["seed_ilp"] is False

@@ -184,7 +184,7 @@ def cmd_quantize(args):
             raise ValueError(f"give either --target (search the bits) or --config {args.bits}, not both")
         bits = Path(args.out) / "search" / "bits.json"
         run_search(recipe, args.target, args.search, out=bits, env_bits=args.env_bits, queue_size=args.queue_size,
-                   device=device)
+                   device=device, seed_ilp=args.seed_ilp)
         recipe = replace(recipe, bits=str(bits))
     model, quantized = build(recipe, device=device)
     bits = quantization_map(quantized)
@@ -422,6 +422,8 @@ def build_parser():
                        help="with --target: the search method (default tss, TreeQ's tree search)")
     quant.add_argument("--env-bits", type=int, default=None, help="with --target: ENG's environment bits")
     quant.add_argument("--queue-size", type=int, default=16, help="with --target: the tree search's queue size")
+    quant.add_argument("--seed-ilp", action="store_true",
+                       help="with --target: seed the tree search with the integer program's configuration")
     quant.add_argument("--out", required=True)
     quant.set_defaults(func=cmd_quantize)
 
