@@ -84,6 +84,9 @@ def test_ablation_rows_share_the_paper_rows_and_compare_branches_at_equal_parame
     options = [s[2] for s in searches]
     assert {"queue_size": 4} in options and {"queue_size": 8} in options
     assert {"env_bits": 2} in options and {"env_bits": 32} in options and {"env_bits": 3} not in options
+    chosen = paper.bench_ablation(targets=("W3A3",), ablations=("env_bits",), regimes=("peft",), num_samples=10,
+                                  finetune=TINY_FINETUNE, folder=folder)
+    assert chosen == [row for row in rows if row["ablation"] == "env_bits" and row["regime"] == "peft"]
 
 
 def test_size_counts_quantized_weights_at_their_bits(tiny_dit):

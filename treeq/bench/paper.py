@@ -110,11 +110,13 @@ def ablation_runs(target):
     return runs
 
 
-def bench_ablation(targets=("W3A3",), num_samples=250, seed=0, finetune=FinetuneConfig(), folder=PAPER_FOLDER):
+def bench_ablation(targets=("W3A3",), ablations=("branch", "queue_size", "env_bits"), regimes=REGIMES, num_samples=250,
+                   seed=0, finetune=FinetuneConfig(), folder=PAPER_FOLDER):
     """Rows {ablation, setting, variant, regime, branch_params, branch_macs_per_token, fid, sfid, class_accuracy,
     psnr_vs_fp, bops_bits}; they share the paper bench's rows (treeq, and its LoRA PEFT row)."""
     bench = _Bench(num_samples, seed, finetune, folder)
-    runs = [(target, *run) for target in targets for run in ablation_runs(target)]
+    runs = [(target, *run) for target in targets for run in ablation_runs(target)
+            if run[0] in ablations and run[2] in regimes]
     rows = []
     for target, ablation, variant, regime, name in tqdm(runs, desc="bench ablation"):
         row = bench.row(target, regime, name)
