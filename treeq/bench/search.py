@@ -55,12 +55,12 @@ def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECI
 
 
 def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, folder=FOLDER):
-    """Rows {target, method, evaluations, seconds, bops_bits, search_metric, fid, class_accuracy, psnr_vs_fp}."""
+    """Rows {target, method, evaluations, seconds, bops_bits, search_metric, fid, sfid, class_accuracy, psnr_vs_fp}."""
     recipe = SEARCH_RECIPE
     model = load(recipe.model)
     fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
     rows = [{"target": "FP32", "method": "-", "evaluations": None, "seconds": None, "bops_bits": 32.0,
-             "search_metric": None, **_quality(measure(fp_images, labels))}]
+             "search_metric": None, **_quality(measure(fp_images, labels), "sfid")}]
     calibration = load_or_collect(model, **recipe.calibration_options())
     for target in targets:
         tss_evaluations = None
@@ -73,7 +73,7 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
             images, _, _ = generate(quantized, num_samples, seed, progress=False)
             rows.append({"target": target, "method": method, "evaluations": summary["evaluations"],
                          "seconds": summary["seconds"], "bops_bits": average_bits(config, model),
-                         "search_metric": summary["metric"], **_quality(measure(images, labels, fp_images))})
+                         "search_metric": summary["metric"], **_quality(measure(images, labels, fp_images), "sfid")})
     return rows
 
 
