@@ -34,6 +34,7 @@ from ..quant.calibration import load_or_collect
 from ..quant.finetune import FinetuneConfig, finetune_
 from ..quant.recipe import Recipe
 from ..quant.statistics import quantized_layers
+from ..search.cost import parse_target
 from ..search.run import SEARCH_RECIPE
 from .ptq import baseline_recipe
 from .search import ENG_FOLDER, FOLDER, env_settings, searched
@@ -99,7 +100,7 @@ def bench_paper(targets=TARGETS, regimes=REGIMES, methods=tuple(METHODS), num_sa
 def ablation_runs(target):
     """[(ablation, variant, regime, row name)]: the branch at equal parameters (none, low-rank, Monarch
     on TreeQ's configuration), the tree's queue size, and ENG's e under PTQ and PEFT (with GMB)."""
-    bits = int(target[1])
+    bits = round(parse_target(target))
     runs = [("branch", "none", "ptq", "treeq"), ("branch", "lowrank", "ptq", "treeq-lowrank"),
             ("branch", "lowrank", "peft", "treeq")]  # the paper's PEFT row of TreeQ: the same LoRA branch
     runs += [("branch", "monarch", regime, "treeq-monarch") for regime in REGIMES]
@@ -147,8 +148,9 @@ class _Bench:
         """One row, read back from the rows folder when it was made with these samples and seed."""
         path = self.folder / "rows" / f"{target}-{regime}-{method}.json"
         key = {"num_samples": self.num_samples, "seed": self.seed, "finetune_steps": self.finetune.steps}
-        if path.exists() and json.loads(path.read_text())["key"] == key:
-            return json.loads(path.read_text())["row"]
+        kept = json.loads(path.read_text()) if path.exists() else None
+        if kept is not None and kept["key"] == key:
+            return kept["row"]
         quantized, seconds, bops_bits = self._make(target, regime, method)
         images, _, _ = generate(quantized, self.num_samples, self.seed, progress=False)
         branches = [layer.branch for layer in quantized_layers(quantized).values() if layer.branch is not None]
@@ -157,8 +159,7 @@ class _Bench:
                "seconds": self.calibration_seconds + seconds, "bops_bits": bops_bits,
                "branch_params": sum(branch.parameter_count() for branch in branches),
                "branch_macs_per_token": sum(branch.macs_per_token() for branch in branches)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "row": row}, indent=1)))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"key": key, "row": row}, indent=1)))
         return row
 
     def _make(self, target, regime, method):

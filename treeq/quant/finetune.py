@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..bits import is_full_precision
 from ..diffusion.loss import GaussianDiffusion
 from ..io import atomic_write
-from ..bits import is_full_precision
 from .statistics import quantized_layers
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"

@@ -23,8 +23,7 @@ def refine(scorer, space, cost, target, result, sweeps=1):
     started = time.perf_counter()
     budget = budget_for(space, cost, target)
     costs = _leaf_costs(space, cost)
-    current = [pairs.index((entry["w_bits"], entry["a_bits"]))
-               for pairs, entry in zip(space.candidates, (result.config[name] for name in space.layers))]
+    current = [pairs.index(pair) for pairs, pair in zip(space.candidates, space.assignment(result.config))]
     total = sum(row[j] for row, j in zip(costs, current))
     metric, evaluations = _finite(result.metric), 0
     for _ in range(sweeps):

@@ -88,7 +88,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             objective.set_env_bits(32)  # HAWQ's sensitivities: the rest of the network in full precision
             hawq = ilp(LoggedScorer(scorer, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs, bits)
             objective.set_env_bits(env_bits)
-        seeds = [tuple((e["w_bits"], e["a_bits"]) for e in map(hawq.config.get, space.layers))] if hawq else []
+        seeds = [space.assignment(hawq.config)] if hawq else []
         result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
                              log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds)
         if hawq:

@@ -53,6 +53,10 @@ class SearchSpace:
         """The bit configuration {name: {w_bits, a_bits}} of `assignment` for layers start, start+1, ..."""
         return {self.layers[start + i]: {"w_bits": w, "a_bits": a} for i, (w, a) in enumerate(assignment)}
 
+    def assignment(self, config):
+        """The inverse of config(): the (w_bits, a_bits) pairs of `config` for every layer, in order."""
+        return tuple((config[name]["w_bits"], config[name]["a_bits"]) for name in self.layers)
+
 
 def parse_candidates(text):
     """'4,4 3,4 8,8' (or W4A4 W3A4) -> ((4, 4), (3, 4), (8, 8))."""
