@@ -1,8 +1,11 @@
 """`treeq bench deploy` on a tiny DiT: every runtime gets a row, ours reproduces fake quant and holds less."""
-import torch
-
-from treeq.bench.deploy import _bench_model, resident_bytes
+from treeq.bench.deploy import _bench_model, _converted, resident_bytes
+from treeq.bits import preset_config
+from treeq.quant.apply import quantize
+from treeq.quant.integer import IntLinear
+from treeq.quant.linear import QuantLinear
 from treeq.cli import build_parser
+from treeq.quant.recipe import Recipe
 
 
 def test_rows_runtimes_and_quality(tiny_dit):
@@ -25,3 +28,21 @@ def test_resident_bytes_of_a_float_model(tiny_dit):
 
 def test_cli_knows_the_deploy_bench():
     assert build_parser().parse_args(["bench", "deploy", "--json"]).which == "deploy"
+
+
+def test_converted_path_reproduces_fake_quant_without_a_copy(tiny_dit):
+    """The DiT-XL/2 path converts each fake-quantized model in place (a copy of it would not fit in memory)."""
+    rows = _bench_model("tiny", tiny_dit, 2, 0, 1, dict(steps=2), exported=False)
+    keyed = {(row["setting"], row["runtime"]): row for row in rows}
+    assert {("W8A8", "ours"), ("W4A4", "ours+packed")} <= set(keyed)
+    assert all(row["runtime"] != "fake_quant" for row in rows)  # no fake-quantized model is kept to be timed
+    for setting in ("W8A8", "W4A4"):
+        assert keyed[(setting, "ours")]["rel_error_vs_fake_quant"] < 1e-3
+
+
+def test_conversion_happens_in_place(tiny_dit):
+    quantized = quantize(tiny_dit, preset_config(tiny_dit, "W4A4"), Recipe(methods=("hadamard",)))
+    prepacked, packed = _converted(quantized)
+    assert prepacked is quantized and packed is not quantized
+    assert not any(isinstance(module, QuantLinear) for module in prepacked.modules())
+    assert any(isinstance(module, IntLinear) for module in packed.modules())

@@ -9,7 +9,6 @@ import copy
 import random
 import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -50,22 +49,39 @@ def bench_deploy(num_samples=64, seed=0, repeats=3, xl=True, xl_samples=8):
 
 
 def _bench_model(name, model, num_samples, seed, repeats, sampling, exported):
-    """Time every runtime of `model`, interleaved in random order, and measure quality against fake quant."""
+    """Time every runtime of `model`, interleaved in random order, and measure quality against fake quant.
+
+    exported: deploy through a packed export and compare whole sample sets; otherwise (DiT-XL/2)
+    convert each fake-quantized model in place, comparing one model call, so that no more than one
+    fake-quantized copy (FP32 weights held twice over) is alive at a time.
+    """
+    def outputs(module):
+        if exported:
+            return generate(module, num_samples, seed, progress=False, **sampling)[0].float()
+        return _one_call(module, seed).float()
+
     runtimes = {("FP32", "fp32"): model, ("BF16", "bf16"): _bf16(model),
                 ("W8A8", "dynamic_onednn"): _dynamic(model, "onednn")}
-    fake = {}
-    for setting, methods in SETTINGS:
-        quantized = quantize(model, preset_config(model, setting), Recipe(methods=methods))
-        runtimes[(setting, "ours")] = _deploy(quantized, exported, "prepacked")
-        runtimes[(setting, "ours+packed")] = _deploy(quantized, exported, "packed")
-        fake[setting] = quantized
-    quality = _quality(runtimes, fake, num_samples, seed, sampling, full=exported)
-    if not exported:  # DiT-XL/2's fake-quantized copies hold two FP32 weights per layer: free them before timing
-        runtimes.update({(setting, "fake_quant"): None for setting in fake})
-        fake.clear()
-    else:
-        runtimes.update({(setting, "fake_quant"): module for setting, module in fake.items()})
-    seconds = {key: [] for key, module in runtimes.items() if module is not None}
+    with torch.no_grad():
+        reference = outputs(model)
+        quality = {}
+        for setting, methods in SETTINGS:
+            quantized = quantize(model, preset_config(model, setting), Recipe(methods=methods))
+            target = outputs(quantized)
+            quality[(setting, "fake_quant")] = {"psnr_vs_fp32": _psnr(target, reference)}
+            if exported:
+                runtimes[(setting, "ours")] = _exported(quantized, "prepacked")
+                runtimes[(setting, "ours+packed")] = _exported(quantized, "packed")
+                runtimes[(setting, "fake_quant")] = quantized
+            else:
+                runtimes[(setting, "ours")], runtimes[(setting, "ours+packed")] = _converted(quantized)
+            for runtime in ("ours", "ours+packed"):
+                out = outputs(runtimes[(setting, runtime)])
+                quality[(setting, runtime)] = {"psnr_vs_fp32": _psnr(out, reference),
+                                               "rel_error_vs_fake_quant": ((out - target).norm() / target.norm()).item()}
+        for key in ((s, r) for s, r in runtimes if r in ("fp32", "bf16", "dynamic_onednn")):
+            quality[key] = {"psnr_vs_fp32": _psnr(outputs(runtimes[key]), reference)}
+    seconds = {key: [] for key in runtimes}
     order = random.Random(seed)
     with torch.no_grad():
         for _ in range(repeats):
@@ -79,52 +95,39 @@ def _bench_model(name, model, num_samples, seed, repeats, sampling, exported):
         rows.append({"model": name, "setting": setting, "runtime": runtime,
                      "images_per_second": num_samples / median, "spread_s": max(values) - min(values),
                      "resident_mb": resident_bytes(runtimes[(setting, runtime)]) / 2 ** 20,
-                     **quality.get((setting, runtime), {})})
+                     **quality[(setting, runtime)]})
     return rows
 
 
-def _deploy(quantized, exported, resident):
-    """The integer model of a fake-quantized one: through a packed export, or converted in memory."""
-    if exported:
-        with tempfile.TemporaryDirectory() as folder:
-            export(quantized, folder, scale_dtype=torch.float32)
-            return load_exported(folder, resident=resident)
-    model = copy.deepcopy(quantized)
-    for name in quantizable_layers(model):
-        layer = model.get_submodule(name)
+def _exported(quantized, resident):
+    """The integer model a packed export of `quantized` loads as."""
+    with tempfile.TemporaryDirectory() as folder:
+        export(quantized, folder, scale_dtype=torch.float32)
+        return load_exported(folder, resident=resident)
+
+
+def _converted(quantized):
+    """(prepacked, packed) integer models of `quantized`, whose layers are converted in place."""
+    for name in quantizable_layers(quantized):
+        layer = quantized.get_submodule(name)
         if isinstance(layer, QuantLinear):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, IntLinear.from_quant_linear(layer))
-    fold_smoothing_(model)
-    for module in model.modules():
-        if isinstance(module, IntLinear):
-            module.deploy_("auto", resident)
-    return model
+            setattr(quantized.get_submodule(parent), child, IntLinear.from_quant_linear(layer))
+    fold_smoothing_(quantized)
+    packed = copy.deepcopy(quantized)  # integer codes only: about a quarter of the FP32 model
+    for model, resident in ((quantized, "prepacked"), (packed, "packed")):
+        for module in model.modules():
+            if isinstance(module, IntLinear):
+                module.deploy_("auto", resident)
+    return quantized, packed
 
 
-def _quality(runtimes, fake, num_samples, seed, sampling, full):
-    """PSNR against FP32 samples and, for ours, relative error against the fake-quantized model.
-
-    full: compare whole sample sets; otherwise (DiT-XL/2) one model call on a batch of 2.
-    """
-    def outputs(model):
-        if full:
-            return generate(model, num_samples, seed, progress=False, **sampling)[0]
-        generator = torch.Generator().manual_seed(seed)
-        config = model.config
-        x = torch.randn(2, config.in_channels, config.input_size, config.input_size, generator=generator)
-        return model(x, torch.tensor([10.0, 500.0]), torch.tensor([1, 2]))
-
-    with torch.no_grad():
-        reference = outputs(runtimes[("FP32", "fp32")])
-        quality = {}
-        for key, module in list(runtimes.items()) + [((s, "fake_quant"), m) for s, m in fake.items()]:
-            out = outputs(module).float()
-            quality[key] = {"psnr_vs_fp32": _psnr(out, reference)}
-            if key[1].startswith("ours"):
-                target = outputs(fake[key[0]])
-                quality[key]["rel_error_vs_fake_quant"] = ((out - target).norm() / target.norm()).item()
-    return quality
+def _one_call(model, seed):
+    """One model call on a batch of two noised latents (DiT-XL/2: whole sampling runs are too slow to compare)."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    x = torch.randn(2, config.in_channels, config.input_size, config.input_size, generator=generator)
+    return model(x, torch.tensor([10.0, 500.0]), torch.tensor([1, 2]))
 
 
 def _psnr(images, reference):
