@@ -1,10 +1,10 @@
 """`treeq bench deploy` on a tiny DiT: every runtime gets a row, ours reproduces fake quant and holds less."""
 from treeq.bench.deploy import _bench_model, _converted, resident_bytes
 from treeq.bits import preset_config
+from treeq.cli import build_parser
 from treeq.quant.apply import quantize
 from treeq.quant.integer import IntLinear
 from treeq.quant.linear import QuantLinear
-from treeq.cli import build_parser
 from treeq.quant.recipe import Recipe
 
 
