@@ -461,7 +461,7 @@ def build_parser():
 
     demo = sub.add_parser("demo", help="the main job on the embedded testbed")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--num-samples", type=_positive_int, default=200)
+    demo.add_argument("--num-samples", type=_positive_int, default=100)
     demo.set_defaults(func=cmd_demo)
     _add_search(sub)
     return parser

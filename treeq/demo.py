@@ -7,7 +7,9 @@ uniform baseline, from the same seeds.
    branch at uniform W4A4 (the strongest uniform baseline of `treeq bench recipes`).
 3. FP, baseline and TreeQ sample the same labels from the same noise; the table, sample strips, the
    search's Pareto plots and a self-contained report.html go to the run folder.
-Shrunk for a 2-core CPU: 200 samples per model and the search's default 16 calibration rows.
+Shrunk for a 2-core CPU (15 minutes with its setup): 100 samples per model (the 10 x 10 grids),
+the search at its defaults (16 calibration rows, queue 16: at W3A3 a queue of 8 loses most of the
+quality, see `treeq bench ablation`).
 """
 import json
 from pathlib import Path
@@ -30,7 +32,7 @@ def treeq_recipe(recipe=SEARCH_RECIPE, ratio=BRANCH_RATIO):
     return recipe.with_branch("monarch", ratio=ratio)
 
 
-def run_demo(out, num_samples=200, seed=0):
+def run_demo(out, num_samples=100, seed=0):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = load("default")
