@@ -64,7 +64,8 @@ def _bench_model(name, model, num_samples, seed, repeats, sampling, exported):
                 ("W8A8", "dynamic_onednn"): _dynamic(model, "onednn")}
     with torch.no_grad():
         reference = outputs(model)
-        quality = {}
+        quality = {key: {"psnr_vs_fp32": _psnr(reference if module is model else outputs(module), reference)}
+                   for key, module in runtimes.items()}
         for setting, methods in SETTINGS:
             quantized = quantize(model, preset_config(model, setting), Recipe(methods=methods))
             target = outputs(quantized)
@@ -79,8 +80,6 @@ def _bench_model(name, model, num_samples, seed, repeats, sampling, exported):
                 out = outputs(runtimes[(setting, runtime)])
                 quality[(setting, runtime)] = {"psnr_vs_fp32": _psnr(out, reference),
                                                "rel_error_vs_fake_quant": ((out - target).norm() / target.norm()).item()}
-        for key in ((s, r) for s, r in runtimes if r in ("fp32", "bf16", "dynamic_onednn")):
-            quality[key] = {"psnr_vs_fp32": _psnr(outputs(runtimes[key]), reference)}
     seconds = {key: [] for key in runtimes}
     order = random.Random(seed)
     with torch.no_grad():
