@@ -15,7 +15,7 @@ import time
 SETTINGS = (("1", None), ("2", None), ("2", "PASSIVE"))
 CHILD = """
 import json, statistics, time, torch
-from treeq.quant.integer import IntLinear
+from treeq.deploy.integer import IntLinear
 from treeq.quant.linear import QuantLinear
 torch.manual_seed(0)
 linear, x = torch.nn.Linear(1152, 4608), torch.randn(256, 1152)   # DiT-XL/2 fc1, one image

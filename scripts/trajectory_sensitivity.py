@@ -11,9 +11,9 @@ import torch
 from treeq.bits import preset_config
 from treeq.experiment import generate
 from treeq.models.load import load
-from treeq.quant.apply import quantize
-from treeq.quant.export import export, load_exported
-from treeq.quant.recipe import Recipe
+from treeq.ptq.apply import quantize
+from treeq.deploy.export import export, load_exported
+from treeq.ptq.recipe import Recipe
 
 SETTINGS = (("W8A8", Recipe(methods=("rtn",), activations="dynamic")),
             ("W4A4", Recipe(methods=("hadamard",), activations="dynamic-asym")))

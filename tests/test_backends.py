@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from treeq.quant import backends
-from treeq.quant.backends import BACKENDS, WeightKernel, available_backends, choose_backend, exact_limit
-from treeq.quant.integer import IntLinear
+from treeq.deploy import backends
+from treeq.deploy.backends import BACKENDS, WeightKernel, available_backends, choose_backend, exact_limit
+from treeq.deploy.integer import IntLinear
 from treeq.quant.linear import QuantLinear
-from treeq.quant.pack import planes_size
+from treeq.deploy.pack import planes_size
 
 TOLERANCE = 1e-5
 AVAILABLE = available_backends()

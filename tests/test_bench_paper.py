@@ -5,9 +5,9 @@ import torch
 
 import treeq.bench.paper as paper
 from treeq.bits import preset_config
-from treeq.quant.apply import quantize
-from treeq.quant.finetune import FinetuneConfig
-from treeq.quant.recipe import Recipe
+from treeq.ptq.apply import quantize
+from treeq.finetune.distill import FinetuneConfig
+from treeq.ptq.recipe import Recipe
 
 TINY_FINETUNE = FinetuneConfig(steps=2, batch_size=4, checkpoint_every=1)
 

@@ -123,8 +123,8 @@ def test_load_config_checks_the_form(tmp_path):
 
 def test_overhead_macs_count_transforms_and_branches(tiny_dit):
     from treeq.bits import layer_overhead_macs
-    from treeq.quant.apply import quantize
-    from treeq.quant.recipe import Recipe
+    from treeq.ptq.apply import quantize
+    from treeq.ptq.recipe import Recipe
     assert set(layer_overhead_macs(tiny_dit).values()) == {0}
     model = quantize(tiny_dit, uniform_config(tiny_dit, 4, 4),
                      Recipe(methods=["smooth", "lowrank"], method_options={"lowrank": {"rank": 2}}),

@@ -1,7 +1,7 @@
 """Calibration sets: seeded, shaped as the model's inputs, cached on disk."""
 import torch
 
-from treeq.quant.calibration import collect_calibration, load_or_collect, model_fingerprint
+from treeq.ptq.calibration import collect_calibration, load_or_collect, model_fingerprint
 
 
 def test_calibration_is_deterministic_and_covers_timesteps(tiny_dit):

@@ -58,8 +58,8 @@ def test_static_activation_recipe_rebuilds_and_exports(tiny_path, tmp_path):
 
 def test_run_folder_reloads_without_recalibrating(tiny_path, tmp_path, capsys, monkeypatch):
     """smooth,lowrank,gptq with static scales: reload gives the same model with no calibration or GPTQ."""
-    import treeq.quant.methods as methods
-    import treeq.quant.run as run_module
+    import treeq.methods.registry as methods
+    import treeq.ptq.run as run_module
     run = str(tmp_path / "svdquant")
     assert main(["quantize", "--model", tiny_path, "--config", "W4A4", "--method", "smooth,lowrank,gptq",
                  "--lowrank-rank", "4", "--smooth-alpha", "0.6", "--activations", "static", "--clip", "mse",
@@ -143,7 +143,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_path, tmp_path, ca
 def test_treeq_in_one_command_searches_with_the_branch_then_quantizes(tiny_path, tmp_path, monkeypatch, capsys):
     from treeq.bits import average_bits, load_config
     from treeq.branches import MonarchBranch
-    from treeq.quant.run import load_run
+    from treeq.ptq.run import load_run
     monkeypatch.chdir(tmp_path)  # the calibration cache goes to ./runs
     run = tmp_path / "treeq"
     argv = ["quantize", "--model", tiny_path, "--target", "W4A4", "--search", "tss", "--queue-size", "2",

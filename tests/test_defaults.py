@@ -8,8 +8,8 @@ from treeq.diffusion.defaults import (OFFICIAL, TESTBED, pipeline_defaults, reso
                                       set_sampling_defaults_)
 from treeq.models.checkpoint import load_model, load_official, save_model
 from treeq.models.load import load
-from treeq.quant.apply import quantize
-from treeq.quant.calibration import collect_calibration
+from treeq.ptq.apply import quantize
+from treeq.ptq.calibration import collect_calibration
 
 
 def test_each_source_brings_its_own_defaults(tiny_latent_dit, tmp_path):

@@ -2,10 +2,10 @@
 from treeq.bench.deploy import _bench_model, _converted, resident_bytes
 from treeq.bits import preset_config
 from treeq.cli import build_parser
-from treeq.quant.apply import quantize
-from treeq.quant.integer import IntLinear
+from treeq.ptq.apply import quantize
+from treeq.deploy.integer import IntLinear
 from treeq.quant.linear import QuantLinear
-from treeq.quant.recipe import Recipe
+from treeq.ptq.recipe import Recipe
 
 
 def test_rows_runtimes_and_quality(tiny_dit):

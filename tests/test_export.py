@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from treeq.bits import preset_config, quantizable_layers, uniform_config
 from treeq.models.checkpoint import CheckpointError
-from treeq.quant.apply import quantization_map, quantize, set_bits_
-from treeq.quant.export import export, load_exported
-from treeq.quant.integer import IntLinear
-from treeq.quant.recipe import Recipe
+from treeq.ptq.apply import quantization_map, quantize, set_bits_
+from treeq.deploy.export import export, load_exported
+from treeq.deploy.integer import IntLinear
+from treeq.ptq.recipe import Recipe
 
 FP32_SCALE_TOLERANCE = 1e-3
 FP16_SCALE_TOLERANCE = 1e-2
@@ -170,7 +170,7 @@ def test_truncated_metadata(exported):
 
 def test_failed_write_leaves_the_previous_pair(exported, tiny_dit, monkeypatch):
     before = {name: (exported / name).read_bytes() for name in ("packed.json", "packed.safetensors")}
-    monkeypatch.setattr("treeq.quant.export.save_safetensors", lambda *args, **kwargs: 1 / 0)
+    monkeypatch.setattr("treeq.deploy.export.save_safetensors", lambda *args, **kwargs: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         export(quantize(tiny_dit, uniform_config(tiny_dit, 8, 8)), exported)
     assert {name: (exported / name).read_bytes() for name in before} == before
@@ -216,8 +216,8 @@ def test_exported_models_answer_the_bit_config_helpers(tiny_dit, tmp_path):
 
 def test_smoothing_folds_into_adaLN_and_qkv_at_load(tiny_dit, tmp_path):
     """qkv and fc1 smoothing divide adaLN's shift and 1 + scale rows, proj's the v rows of qkv; fc2's stays."""
-    from treeq.quant.fold import transform_macs
-    from treeq.quant.smooth import SmoothTransform
+    from treeq.deploy.fold import transform_macs
+    from treeq.methods.smooth import SmoothTransform
     calibration = (*_inputs()[:2], torch.tensor([1, 2, 10]))
     quantized = quantize(tiny_dit, uniform_config(tiny_dit, 8, 8), Recipe(methods=["smooth"]), calibration=calibration)
     export(quantized, tmp_path / "model", scale_dtype=torch.float32)

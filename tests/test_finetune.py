@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from treeq.bits import uniform_config
-from treeq.quant.apply import quantize
-from treeq.quant.finetune import FinetuneConfig, branch_parameters, finetune_
-from treeq.quant.recipe import Recipe
-from treeq.quant.run import load_run, save_run
+from treeq.ptq.apply import quantize
+from treeq.finetune.distill import FinetuneConfig, branch_parameters, finetune_
+from treeq.ptq.recipe import Recipe
+from treeq.ptq.run import load_run, save_run
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_a_model_without_branches_is_refused(tiny_dit, data, tmp_path):
 
 def assert_reloads_equal(recipe, student, tiny_dit, data, tmp_path, monkeypatch):
     """The run folder of `student` reloads to the same outputs."""
-    import treeq.quant.run as run_module
+    import treeq.ptq.run as run_module
     save_run(tmp_path / "run", recipe, student)
     monkeypatch.setattr(run_module, "load", lambda spec: tiny_dit)
     _, loaded = load_run(tmp_path / "run")

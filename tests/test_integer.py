@@ -6,11 +6,12 @@ import torch.nn as nn
 
 from treeq.bench.kernels import bench_kernels
 from treeq.branches.lowrank import LowRankBranch
-from treeq.quant.integer import IntLinear, int_matmul
+from treeq.deploy.gemm import int_matmul
+from treeq.deploy.integer import IntLinear
 from treeq.quant.linear import QuantLinear
 from treeq.quant.quantizers import quantize_activation_per_token
-from treeq.quant.rotation import DENSE_MAX, HadamardTransform, hadamard_factors, rotate_linear_
-from treeq.quant.smooth import smooth_linear_
+from treeq.methods.rotation import DENSE_MAX, HadamardTransform, hadamard_factors, rotate_linear_
+from treeq.methods.smooth import smooth_linear_
 
 TOLERANCE = 1e-5
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from treeq.quant.pack import pack, pack_planes, packed_size, planes_size, unpack, unpack_planes
+from treeq.deploy.pack import pack, pack_planes, packed_size, planes_size, unpack, unpack_planes
 
 
 def _random_codes(bits, numel, signed):

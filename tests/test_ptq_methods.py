@@ -7,13 +7,13 @@ import torch.nn as nn
 
 from treeq.bits import quantizable_layers, uniform_config
 from treeq.branches.lowrank import LowRankBranch
-from treeq.quant.apply import quantization_map, quantize, set_bits_
-from treeq.quant.gptq import HessianAccumulator, gptq_quantize
+from treeq.ptq.apply import quantization_map, quantize, set_bits_
+from treeq.methods.gptq import HessianAccumulator, gptq_quantize
 from treeq.quant.linear import QuantLinear
-from treeq.quant.recipe import Recipe
+from treeq.ptq.recipe import Recipe
 from treeq.quant.quantizers import dequantize_weight, quantize_weight
-from treeq.quant.rotation import HadamardTransform, hadamard_matrix, rotate_linear_
-from treeq.quant.smooth import InputAbsMax, smooth_linear_
+from treeq.methods.rotation import HadamardTransform, hadamard_matrix, rotate_linear_
+from treeq.methods.smooth import InputAbsMax, smooth_linear_
 
 
 @pytest.fixture(autouse=True)

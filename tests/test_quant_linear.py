@@ -219,7 +219,7 @@ def test_per_bit_state_survives_state_dict_and_moves_with_the_module(linear):
 
 def test_second_branch_or_late_transform_is_refused(linear):
     from treeq.branches.lowrank import LowRankBranch
-    from treeq.quant.rotation import rotate_linear_
+    from treeq.methods.rotation import rotate_linear_
     layer = QuantLinear.from_linear(nn.Linear(32, 24), 32, 32)
     layer.load_state_dict(linear.state_dict())
     layer.attach_branch(LowRankBranch.from_weight(layer.weight.detach(), 2))

@@ -5,10 +5,10 @@ import torch
 
 from treeq.bits import uniform_config
 from treeq.quant.activations import AbsHistogram, clip_value
-from treeq.quant.apply import quantize, set_bits_
-from treeq.quant.methods import parse_methods
+from treeq.ptq.apply import quantize, set_bits_
+from treeq.methods.registry import parse_methods
 from treeq.quant.quantizers import fake_quantize_activation, fake_quantize_weight
-from treeq.quant.recipe import Recipe
+from treeq.ptq.recipe import Recipe
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def test_impossible_budget_is_one_line_and_exit_2(tiny_path, tmp_path, capsys):
 
 def test_bench_search_reuses_a_finished_search(tiny_path, tmp_path, monkeypatch):
     import treeq.bench.search as bench
-    from treeq.quant.recipe import Recipe
+    from treeq.ptq.recipe import Recipe
     recipe = Recipe(model=tiny_path, calibration_images=4, calibration_timesteps=2)  # 16 rows
     config, summary = bench.searched("W4A4", "uniform", tmp_path, recipe=recipe)
     assert summary["method"] == "uniform" and set(config) and summary["evaluations"] > 0
@@ -64,7 +64,7 @@ def test_bench_search_reuses_a_finished_search(tiny_path, tmp_path, monkeypatch)
 
 
 def test_too_many_scored_rows_are_refused_before_quantizing(tiny_path, tmp_path, monkeypatch, capsys):
-    import treeq.quant.apply as apply
+    import treeq.ptq.apply as apply
 
     def fail(*args, **kwargs):
         raise AssertionError("quantized before checking --calibration-rows")

@@ -2,7 +2,7 @@
 import torch
 
 from treeq.bits import quantizable_layers, uniform_config
-from treeq.quant.apply import quantize, set_bits_
+from treeq.ptq.apply import quantize, set_bits_
 from treeq.search.cost import cost_model
 from treeq.search.objective import ModelObjective
 from treeq.search.space import SearchSpace

@@ -4,7 +4,7 @@ import torch
 from treeq.bench.ptq import bench_ptq
 from treeq.bits import preset_config
 from treeq.models.load import load
-from treeq.quant.apply import quantize
+from treeq.ptq.apply import quantize
 
 
 def _relative_error(model, reference, x, t, y):

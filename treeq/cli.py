@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def _load(args):
     """The model named by --model, or the quantized model in --quant when given."""
     if getattr(args, "quant", None):
-        from .quant.run import load_quantized
+        from .ptq.run import load_quantized
         return load_quantized(args.quant)
     from .models.load import load
     return load(args.model)
@@ -108,7 +108,7 @@ def cmd_eval(args):
     overrides = _sampling_overrides(args)
     fp_images = None
     if args.quant:  # fidelity to full precision: the recipe's FP model with identical seeds
-        from .quant.run import load_run
+        from .ptq.run import load_run
         recipe, model = load_run(args.quant)
         if recipe is not None:
             overrides = {**recipe.sampling, **overrides}
@@ -172,9 +172,9 @@ def cmd_quantize(args):
     from .bits import average_bits
     from .distributed import check_device
     from .memory import describe_peak_memory
-    from .quant.apply import quantization_map
-    from .quant.recipe import recipe_from_args
-    from .quant.run import build, save_run
+    from .ptq.apply import quantization_map
+    from .ptq.recipe import recipe_from_args
+    from .ptq.run import build, save_run
 
     recipe = recipe_from_args(args, sampling=_sampling_overrides(args))
     device = check_device(args.device)
@@ -197,9 +197,9 @@ def cmd_quantize(args):
 
 def cmd_finetune(args):
     from .data import mnist
+    from .finetune.distill import FinetuneConfig, finetune_, summary
     from .models.load import load
-    from .quant.finetune import FinetuneConfig, finetune_, summary
-    from .quant.run import load_run, save_run
+    from .ptq.run import load_run, save_run
 
     recipe, student = load_run(args.quant)
     if recipe is None:
@@ -214,8 +214,8 @@ def cmd_finetune(args):
 
 
 def cmd_export(args):
-    from .quant.export import export
-    from .quant.run import load_quantized
+    from .deploy.export import export
+    from .ptq.run import load_quantized
 
     export(load_quantized(args.quant), args.out)
     print(f"packed checkpoint in {args.out}/")
@@ -351,7 +351,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     from .diffusion.train import TrainConfig
-    from .quant.recipe import add_recipe_arguments
+    from .ptq.recipe import add_recipe_arguments
 
     parser = _Parser(prog="treeq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -427,7 +427,7 @@ def build_parser():
     quant.add_argument("--out", required=True)
     quant.set_defaults(func=cmd_quantize)
 
-    from .quant.finetune import FinetuneConfig
+    from .finetune.distill import FinetuneConfig
     finetune = sub.add_parser("finetune", help="QLoRA-style: train the branches (and with --step-sizes the weight step "
                                       "sizes) of a quantized run against FP")
     finetune.add_argument("--quant", required=True, help="a run folder written by `treeq quantize`")

@@ -15,16 +15,16 @@ import torch
 import torch.nn as nn
 
 from ..bits import preset_config, quantizable_layers
+from ..deploy.backends import keep_freed_memory
+from ..deploy.export import export, load_exported
+from ..deploy.fold import fold_smoothing_
+from ..deploy.integer import IntLinear
 from ..experiment import generate
 from ..models.load import load
 from ..models.registry import create_model
-from ..quant.apply import quantize
-from ..quant.backends import keep_freed_memory
-from ..quant.export import export, load_exported
-from ..quant.fold import fold_smoothing_
-from ..quant.integer import IntLinear
+from ..ptq.apply import quantize
+from ..ptq.recipe import Recipe
 from ..quant.linear import QuantLinear
-from ..quant.recipe import Recipe
 from .kernels import print_machine
 
 # (setting, methods) deployed; W4A4 needs the rotation (see `treeq bench ptq`).

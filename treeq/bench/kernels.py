@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..deploy.backends import available_backends, choose_backend, keep_freed_memory
+from ..deploy.fold import transform_macs
+from ..deploy.integer import IntLinear
+from ..methods.rotation import rotate_linear_
 from ..models.registry import TESTBED, config_for
-from ..quant.backends import available_backends, choose_backend, keep_freed_memory
-from ..quant.fold import transform_macs
-from ..quant.integer import IntLinear
 from ..quant.linear import QuantLinear
-from ..quant.rotation import rotate_linear_
 
 
 def dit_linear_shapes(prefix, config, batch):

@@ -27,12 +27,12 @@ from ..bits import average_bits, is_full_precision, preset_config, quantizable_l
 from ..data import mnist
 from ..demo import BRANCH_RATIO, treeq_recipe
 from ..experiment import generate, measure
+from ..finetune.distill import FinetuneConfig, finetune_
 from ..io import atomic_write
 from ..models.load import load
-from ..quant.apply import quantize
-from ..quant.calibration import load_or_collect
-from ..quant.finetune import FinetuneConfig, finetune_
-from ..quant.recipe import Recipe
+from ..ptq.apply import quantize
+from ..ptq.calibration import load_or_collect
+from ..ptq.recipe import Recipe
 from ..quant.statistics import quantized_layers
 from ..search.cost import parse_target
 from ..search.run import SEARCH_RECIPE

@@ -11,9 +11,9 @@ from tqdm import tqdm
 from ..bits import preset_config
 from ..experiment import generate, measure
 from ..models.load import load
-from ..quant.apply import quantize
-from ..quant.calibration import load_or_collect, spread_rows
-from ..quant.recipe import Recipe
+from ..ptq.apply import quantize
+from ..ptq.calibration import load_or_collect, spread_rows
+from ..ptq.recipe import Recipe
 
 SETTINGS = ("W8A8", "W4A8", "W4A4", "W3A3")
 # (methods, activation quantizer) of each row

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from ..bits import average_bits, load_config, quantizable_layers
 from ..experiment import generate, measure
 from ..models.load import load
-from ..quant.apply import quantize, set_bits_
-from ..quant.calibration import load_or_collect, spread_rows
+from ..ptq.apply import quantize, set_bits_
+from ..ptq.calibration import load_or_collect, spread_rows
 from ..search.cost import parse_target
 from ..search.objective import ModelObjective
 from ..search.run import SEARCH_RECIPE, run_search

@@ -13,8 +13,8 @@ import torch
 from ..bits import uniform_config
 from ..models.load import load
 from ..models.registry import create_model
-from ..quant.apply import quantize, set_bits_
-from ..quant.calibration import load_or_collect, spread_rows
+from ..ptq.apply import quantize, set_bits_
+from ..ptq.calibration import load_or_collect, spread_rows
 from ..search.cost import cost_model
 from ..search.run import SEARCH_RECIPE
 from ..search.space import DEFAULT_CANDIDATES, SearchSpace

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from ..bits import preset_config
+from ..deploy.gemm import int_matmul
 from ..diffusion.sampling import balanced_labels, sample
 from ..models.init import random_dit
 from ..models.registry import config_for
-from ..quant.apply import quantize
-from ..quant.calibration import collect_calibration
-from ..quant.integer import int_matmul
+from ..ptq.apply import quantize
+from ..ptq.calibration import collect_calibration
+from ..ptq.recipe import Recipe
 from ..quant.quantizers import quantize_weight, token_quant_params
-from ..quant.recipe import Recipe
 from .kernels import dit_linear_shapes
 
 W4A4_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
@@ -69,7 +69,7 @@ def _exported_w8a8(model):
     """The packed-export round trip of a W8A8 round-to-nearest model, its layers on torch._int_mm."""
     import tempfile
 
-    from ..quant.export import export, load_exported
+    from ..deploy.export import export, load_exported
     quantized = quantize(model, preset_config(model, "W8A8"), Recipe(methods=("rtn",), activations="dynamic"))
     with tempfile.TemporaryDirectory() as folder:
         export(quantized, folder)

@@ -9,9 +9,9 @@ before the first layer where a candidate differs from the previous one are not r
 import torch
 
 from ..bits import quantizable_layers
-from ..quant.apply import set_bits_
-from ..quant.linear import QuantLinear
 from ..bits import check_bits
+from ..ptq.apply import set_bits_
+from ..quant.linear import QuantLinear
 
 
 def mse_per_row(output, reference):

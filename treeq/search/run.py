@@ -13,7 +13,7 @@ import torch
 
 from ..bits import save_config, uniform_config
 from ..io import atomic_write
-from ..quant.recipe import Recipe
+from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .objective import ModelObjective
@@ -38,8 +38,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     seed_ilp: tree search only: run the integer program first (its scores logged to <stem>.ilp.log.jsonl)
     and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp"."""
     from ..models.load import load
-    from ..quant.apply import quantize
-    from ..quant.calibration import load_or_collect, spread_rows
+    from ..ptq.apply import quantize
+    from ..ptq.calibration import load_or_collect, spread_rows
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")

@@ -8,10 +8,10 @@ the same modules empty, for a saved state dict to load into.
 import copy
 
 from ..bits import is_full_precision, quantizable_layers, validate_config
-from .activations import calibrate_activations_
-from .linear import QuantLinear
+from ..quant.activations import calibrate_activations_
+from ..quant.linear import QuantLinear
+from ..quant.statistics import collect_statistics
 from .recipe import Recipe
-from .statistics import collect_statistics
 
 
 def quantize(model, config, recipe=None, *, calibration=None, inplace=False):

@@ -8,9 +8,8 @@ rotation stay online; `transform_macs` counts them.
 import torch
 import torch.nn as nn
 
+from ..methods.smooth import SmoothTransform
 from .integer import IntLinear
-from .rotation import HadamardTransform
-from .smooth import SmoothTransform
 
 # (block linear, adaLN chunks (shift, scale) of its modulate) for the folds into adaLN; proj folds into qkv.
 _MODULATED = (("attn.qkv", (0, 1)), ("mlp.fc1", (3, 4)))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..bits import is_full_precision
 from ..diffusion.loss import GaussianDiffusion
 from ..io import atomic_write
-from .statistics import quantized_layers
+from ..quant.statistics import quantized_layers
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
 

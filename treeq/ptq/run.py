@@ -13,12 +13,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..bits import load_config, save_config
+from ..deploy.export import META_FILE, load_exported
 from ..io import atomic_write
 from ..models.checkpoint import CheckpointError
 from ..models.load import load
 from .apply import quantization_map, quantize, quantized_structure, set_bits_
 from .calibration import load_or_collect
-from .export import META_FILE, load_exported
 from .recipe import Recipe
 
 STATE_FILE, BITS_FILE, CONFIG_FILE = "state.safetensors", "bits.json", "config.json"

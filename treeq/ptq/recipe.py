@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bits import check_bits, load_config, preset_config
-from .activations import CLIPS
-from .linear import ACTIVATION_QUANTIZERS
-from .methods import METHODS, method_options, parse_methods
-from .quantizers import CLIP_METHODS
+from ..methods.registry import METHODS, method_options, parse_methods
+from ..quant.activations import CLIPS
+from ..quant.linear import ACTIVATION_QUANTIZERS
+from ..quant.quantizers import CLIP_METHODS
 
 
 def _flag(help, flag=None, **argparse):
@@ -26,7 +26,7 @@ class Recipe:
     model: str = field(default="default", metadata=_flag("the model to quantize"))
     # a preset or a bit-configuration .json; a run folder keeps the resolved mapping in bits.json
     bits: str = field(default="W4A4", metadata=_flag("W8A8, W6A6, W4A8, W4A4, W3A3 or a bits .json file", "--config"))
-    # PTQ steps in order: a transform, then a branch, then a rounding (see quant/methods.py)
+    # PTQ steps in order: a transform, then a branch, then a rounding (see methods/registry.py)
     methods: tuple = field(default=("rtn",), metadata=_flag(
         "comma-separated steps, e.g. smooth,lowrank (SVDQuant) or hadamard,gptq; known: " + ", ".join(METHODS),
         "--method"))

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .gemm import int_matmul, to_float_in_place
 from .pack import pack_planes, unpack_planes
 
 RESIDENT = ("prepacked", "packed")  # weights held as the backend's int8 blob, or as b-bit planes unpacked per call
@@ -24,7 +25,6 @@ BACKEND_VARIABLE = "TREEQ_BACKEND"
 
 def _int_mm_rows(codes, weight):
     """(M, K) int8 @ weight (N, K) int8 -> float32 (M, N) through torch._int_mm (padding as it needs)."""
-    from .integer import int_matmul, to_float_in_place
     return to_float_in_place(int_matmul(codes, weight.t()))
 
 

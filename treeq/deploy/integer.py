@@ -3,7 +3,7 @@
 What an exported TreeQ checkpoint runs. Inputs are quantized per token at run time exactly as
 QuantLinear's fake quantization rounds them and an exact integer GEMM does the multiply-accumulate;
 only the float rounding order differs. A fresh layer holds int8 codes and runs `torch._int_mm`;
-`deploy_` moves its weight behind the fastest exact backend of the machine (quant/backends.py),
+`deploy_` moves its weight behind the fastest exact backend of the machine (deploy/backends.py),
 prepacked or held as b-bit planes.
 """
 import copy
@@ -13,35 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bits import QUANTIZED_BITS, check_bits, is_full_precision
+from ..quant.linear import ACTIVATION_QUANTIZERS
+from ..quant.quantizers import QuantizedWeight, check_weight_options, code_range, dequantize_weight, token_quant_params
 from .backends import RESIDENT, WeightKernel, choose_backend
-from .linear import ACTIVATION_QUANTIZERS
+from .gemm import int_matmul, to_float_in_place
 from .pack import pack_planes, unpack_planes
-from .quantizers import QuantizedWeight, check_weight_options, code_range, dequantize_weight, token_quant_params
-
-# torch._int_mm on CUDA (cuBLAS) wants more than 16 rows and K, N multiples of 8; the CPU kernel
-# takes any shape (checked on torch 2.13). Padding to the CUDA limits everywhere keeps one code path:
-# on DiT shapes it only pads the adaLN rows (one per image), and zero padding adds nothing to a sum.
-_MIN_ROWS = 17
-_MULTIPLE = 8
-
-
-def int_matmul(a, b):
-    """(M, K) int8 @ (K, N) int8 -> (M, N) int32 via torch._int_mm, zero-padded to shapes it accepts."""
-    (m, k), n = a.shape, b.shape[1]
-    pad_m, pad_k, pad_n = max(0, _MIN_ROWS - m), -k % _MULTIPLE, -n % _MULTIPLE
-    if pad_m or pad_k:
-        a = F.pad(a, (0, pad_k, 0, pad_m))
-    if pad_k or pad_n:
-        b = F.pad(b, (0, pad_n, 0, pad_k))
-    out = torch._int_mm(a, b)
-    return out[:m, :n] if pad_m or pad_n else out
-
-
-def to_float_in_place(accumulator):
-    """int32 -> float32 in the same memory (4 bytes each; an elementwise copy reads each element before
-    writing it): no second M x N buffer to allocate, which costs a fifth of a small-K layer on CPU."""
-    return accumulator.view(torch.float32).copy_(accumulator)
-
 
 class IntLinear(nn.Module):
     """y = s_x s_w ((codes_x - z_x) @ (codes_w - z_w)^T) + bias + branch(T(x)), with T = `input_transform`.

@@ -7,7 +7,7 @@ codes from GPTQ and from round-to-nearest share one grid.
 """
 import torch
 
-from .quantizers import QuantizedWeight, code_range, is_full_precision, weight_quant_params
+from ..quant.quantizers import QuantizedWeight, code_range, is_full_precision, weight_quant_params
 
 
 class HessianAccumulator:

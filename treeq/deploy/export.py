@@ -19,14 +19,14 @@ from safetensors.torch import save as save_safetensors
 from ..bits import is_full_precision
 from ..branches import BRANCHES
 from ..diffusion.defaults import sampling_defaults, set_sampling_defaults_
+from ..methods.rotation import HadamardTransform
+from ..methods.smooth import SmoothTransform
 from ..models.checkpoint import CheckpointError, load_state_strict
 from ..models.dit import DiT, DiTConfig
+from ..quant.linear import QuantLinear
 from .fold import fold_smoothing_
 from .integer import IntLinear
-from .linear import QuantLinear
 from .pack import pack, unpack
-from .rotation import HadamardTransform
-from .smooth import SmoothTransform
 
 FORMAT = "treeq-packed"
 FORMAT_VERSION = 2  # 2 added per-layer `activations`; version 1 files (static_act_scale only) still load
@@ -79,7 +79,7 @@ def export(model, path, *, scale_dtype=torch.float16):
 def load_exported(path, *, backend="auto", resident="prepacked", fold=True):
     """The inference DiT of a packed export folder (or either of its files): IntLinear layers, the rest strict.
 
-    fold: fold smoothing transforms into the op before them (quant/fold.py). backend / resident: where
+    fold: fold smoothing transforms into the op before them (deploy/fold.py). backend / resident: where
     each IntLinear's GEMM runs and how its weight is held (IntLinear.deploy_); backend=None leaves the
     layers undeployed (int8 codes, torch._int_mm).
     """

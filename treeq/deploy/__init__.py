@@ -1,0 +1,1 @@
+"""Deployment: bit-packing, integer linears and their GEMM back-ends, folding transforms, export."""
