@@ -2,17 +2,16 @@
 
 A configuration is a plain JSON-serialisable mapping `{layer name: {"w_bits": int, "a_bits": int}}`
 keyed by module name in the model (`blocks.3.attn.qkv`); a layer absent from it stays in full
-precision. Layers are the linears inside the transformer blocks; the embedders and the final
-layer are never quantized (TreeQ paper). The cost axis of the search is the BOPs-weighted
+precision. Layers are the linears inside the transformer blocks (models/adapters says where, per
+family); the embedders and the final layer are never quantized (TreeQ paper). The cost axis of the search is the BOPs-weighted
 average bit-width.
 """
 import json
 import math
 from pathlib import Path
 
-import torch.nn as nn
-
 from .io import atomic_write
+from .models.adapters import adapter_for
 
 QUANTIZED_BITS = (2, 3, 4, 5, 6, 7, 8)
 FULL_PRECISION_BITS = (16, 32)  # either value means "leave this tensor in floating point"
@@ -35,17 +34,8 @@ def is_full_precision(bits):
 
 
 def quantizable_layers(model):
-    """Names of every nn.Linear inside `model.blocks`, in execution order."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError("model has no `blocks` ModuleList; quantizable layers are the linears of DiT blocks")
-    names = []
-    for index, block in enumerate(blocks):
-        linears = list(_top_linears(block))
-        # adaLN modulation is registered last but runs first: it computes the block's shifts, scales and gates.
-        linears.sort(key=lambda name: not name.startswith("adaLN_modulation"))
-        names += [f"blocks.{index}.{name}" for name in linears]
-    return names
+    """Names of the linears inside the model's blocks, in execution order (its family's adapter says where)."""
+    return adapter_for(model).layers(model)
 
 
 def layer_macs(model):
@@ -67,10 +57,9 @@ def layer_overhead_macs(model):
 
 
 def _per_image(model, per_token):
-    """{layer: per_token(layer) x the rows it runs on per image}: tokens, or 1 for adaLN's conditioning."""
-    tokens = (model.config.input_size // model.config.patch_size) ** 2
-    return {name: per_token(model.get_submodule(name)) * (1 if "adaLN_modulation" in name else tokens)
-            for name in quantizable_layers(model)}
+    """{layer: per_token(layer) x the rows it runs on per sample}: image or text tokens, or 1 for modulation."""
+    rows = adapter_for(model).layer_rows(model)
+    return {name: per_token(model.get_submodule(name)) * rows[name] for name in rows}
 
 
 def layer_weight_sizes(model):
@@ -137,20 +126,6 @@ def load_config(path):
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"{path}: not a bit configuration: {error}") from None
     return config
-
-
-def is_layer(module):
-    """A quantizable layer: an nn.Linear (QuantLinear is one) or an exported integer linear (it has w_bits)."""
-    return isinstance(module, nn.Linear) or hasattr(module, "w_bits")
-
-
-def _top_linears(module, prefix=""):
-    """Layers under `module`, not descending into one (a quantized linear's branch is not a layer)."""
-    for name, child in module.named_children():
-        if is_layer(child):
-            yield prefix + name
-        else:
-            yield from _top_linears(child, f"{prefix}{name}.")
 
 
 def _weight_size(layer):

@@ -75,9 +75,13 @@ def cmd_sample(args):
     from .distributed import setup, teardown
     from .pipeline import latent_decoder, prepare_model, resolve_classes, sample_to_folder
 
+    model = _load(args)
+    from .diffusion.pipelines import is_pipeline_model
+    if is_pipeline_model(model):
+        return _sample_family(model, args)
     rank, world_size, device = setup(args.device)
     try:
-        model = prepare_model(_load(args), device, args.dtype, quantized=bool(args.quant))
+        model = prepare_model(model, device, args.dtype, quantized=bool(args.quant))
         vae, vae_path = latent_decoder(model, args.vae, device, args.dtype)
         settings = resolve_sampling(model, **_sampling_overrides(args))
         classes = resolve_classes(args.classes, model.config.num_classes,
@@ -95,6 +99,31 @@ def cmd_sample(args):
         print(f"{args.num_samples} samples ({done['written']} drawn now by rank 0, {rate:.2f} images/s) "
               f"-> {args.out}/samples.npz, {args.out}/grid.png, {args.out}/sampling.json; {describe_peak_memory()}")
     return 0
+
+
+def _sample_family(model, args):
+    """`treeq sample` of a text-to-image family: its own pipeline, prompts from --prompts or a built-in list."""
+    from .memory import describe_peak_memory
+    from .pipeline import sample_family_to_folder
+
+    if args.classes or args.sampler or args.scheduler or args.guidance_channels is not None:
+        raise ValueError(f"{type(model).__name__} samples through its own pipeline: --classes, --sampler, "
+                         "--scheduler and --guidance-channels do not apply (give --prompts, --steps, --cfg-scale)")
+    done = sample_family_to_folder(model.to(args.device or "cpu"), args.out, num_samples=args.num_samples,
+                                   seed=args.seed, batch_size=args.batch_size, prompts=_prompts(args),
+                                   record={"model": args.model, "quant": args.quant}, steps=args.steps,
+                                   cfg_scale=args.cfg_scale)
+    print(f"{args.num_samples} samples in {done['seconds']:.1f} s -> {args.out}/samples.npz, {args.out}/grid.png, "
+          f"{args.out}/sampling.json; {describe_peak_memory()}")
+    return 0
+
+
+def _prompts(args):
+    """The prompts of --prompts FILE (one a line), or None for the built-in list."""
+    if not getattr(args, "prompts", None):
+        return None
+    from .diffusion.pipelines import read_prompts
+    return read_prompts(args.prompts)
 
 
 def cmd_eval(args):
@@ -126,6 +155,10 @@ def cmd_eval(args):
 
 
 def cmd_init(args):
+    if args.family:
+        return _init_family(args)
+    if args.size is None:
+        raise ValueError("give --size (a model name such as DiT-XL/2, or 'vae'), or --family F --size tiny|full")
     from .models.init import init_checkpoint
 
     written = init_checkpoint(args.size, args.out, format=args.format, seed=args.seed,
@@ -134,6 +167,23 @@ def cmd_init(args):
                               vae_channels=args.vae_channels)
     kind = "AutoencoderKL" if args.size == "vae" else f"{args.size} ({args.format})"
     print(f"random {kind} -> {written}")
+    return 0
+
+
+def _init_family(args):
+    """`init --family F --size tiny|full`: a random diffusers pipeline folder of a transformer family."""
+    size = args.size or "tiny"
+    if size not in ("tiny", "full"):
+        raise ValueError(f"--family takes --size tiny or full, got {size!r}")
+    if args.family == "dit":  # our DiT's diffusers form: DiT-XL/2's layout, 2 blocks of width 64 when tiny
+        from .models.init import init_checkpoint
+        shape = {"depth": 2, "hidden_size": 64, "num_heads": 4, "input_size": 8} if size == "tiny" else {}
+        written = init_checkpoint("DiT-XL/2", args.out, format="diffusers", seed=args.seed,
+                                  vae_channels="8,8" if size == "tiny" else args.vae_channels, **shape)
+    else:
+        from .models.families import init_pipeline_folder
+        written = init_pipeline_folder(args.family, args.out, size=size, seed=args.seed)
+    print(f"random {args.family} pipeline ({size}) -> {written}")
     return 0
 
 
@@ -176,7 +226,7 @@ def cmd_quantize(args):
     from .ptq.recipe import recipe_from_args
     from .ptq.run import build, save_run
 
-    recipe = recipe_from_args(args, sampling=_sampling_overrides(args))
+    recipe = recipe_from_args(args, sampling=_sampling_overrides(args), prompts=tuple(_prompts(args) or ()))
     device = check_device(args.device)
     if args.target:  # TreeQ in one command: search the bits with this recipe (its branch attached), then quantize
         from .search.run import run_search
@@ -269,7 +319,8 @@ def cmd_search(args):
     recipe = replace(SEARCH_RECIPE, model=args.model, activations=args.activations or SEARCH_RECIPE.activations,
                      methods=args.ptq_method or SEARCH_RECIPE.methods,
                      calibration_images=args.calibration_images or SEARCH_RECIPE.calibration_images,
-                     calibration_timesteps=args.calibration_timesteps or SEARCH_RECIPE.calibration_timesteps)
+                     calibration_timesteps=args.calibration_timesteps or SEARCH_RECIPE.calibration_timesteps,
+                     prompts=tuple(_prompts(args) or ()))
     result = run_search(recipe, args.target, args.method, out=args.out, env_bits=args.env_bits,
                         queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
                         readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks,
@@ -317,6 +368,7 @@ def _add_search(sub):
     search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")
     search.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     search.add_argument("--out", default="bits.json")
+    _add_prompts(search)
     search.set_defaults(func=cmd_search)
 
 
@@ -335,6 +387,12 @@ def _add_sampling(parser, num_samples):
                         help="guide only the first N output channels (3 reproduces the official DiT sampler)")
     parser.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
                         help="clip samples to [-1, 1] at every step (default: the model's)")
+    _add_prompts(parser)
+
+
+def _add_prompts(parser):
+    parser.add_argument("--prompts", default=None,
+                        help="text-to-image families: a file of prompts, one a line (default: a built-in list)")
 
 
 def _cuda():
@@ -387,9 +445,12 @@ def build_parser():
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_eval)
 
+    from .models.families import family_names
     init = sub.add_parser("init", help="write a randomly initialised checkpoint at a real (or given) size")
-    init.add_argument("--size", required=True, help="a model name (DiT-XL/2, DiT-S/8, ...) or 'vae' (an SD-VAE-shaped "
-                                                    "AutoencoderKL folder)")
+    init.add_argument("--family", choices=("dit", *family_names()), default=None,
+                      help="a random diffusers pipeline folder of this transformer family (--size tiny or full)")
+    init.add_argument("--size", default=None, help="a model name (DiT-XL/2, DiT-S/8, ...) or 'vae' (an SD-VAE-shaped "
+                                                   "AutoencoderKL folder); with --family: tiny (default) or full")
     init.add_argument("--out", required=True, help=".pt (official), a folder (diffusers pipeline or VAE) or a "
                                                    ".safetensors (TreeQ)")
     init.add_argument("--format", choices=("official", "diffusers", "treeq"), default="official")
@@ -415,6 +476,7 @@ def build_parser():
                            default=None, help="sampling setting of the calibration trajectories")
     quant.add_argument("--device", default="cuda" if _cuda() else "cpu",
                        help="cpu, cuda or cuda:N: where calibration and the methods run")
+    _add_prompts(quant)
     quant.add_argument("--target", default=None,
                        help="search the bit configuration at this budget (W4A4, W3A3 or average bits) instead of "
                             "--config; the search scores this recipe, branch included, and writes OUT/search/")

@@ -15,7 +15,7 @@ import torch
 
 from .diffusion.sampling import progress_bar, sample
 from .distributed import barrier
-from .eval.export import save_adm_npz_parts, save_grid_png, to_uint8
+from .eval.export import save_adm_npz, save_adm_npz_parts, save_grid_png, to_uint8
 from .io import atomic_write
 
 RECORD = "sampling.json"  # the run's settings; a resumed run must match them
@@ -144,6 +144,27 @@ def sample_to_folder(model, out, *, num_samples, settings, seed=0, batch_size=16
                 grid = np.concatenate([grid, part["images"][:100 - len(grid)]])
         save_grid_png(grid, Path(out) / "grid.png", nrow=min(10, len(grid)))
     return {"written": todo, "seconds": seconds}
+
+
+def sample_family_to_folder(model, out, *, num_samples, seed=0, batch_size=8, prompts=None, record=None,
+                            **sampling):
+    """A text-to-image family's samples through its own pipeline: samples.npz (ADM's arr_0), grid.png,
+    prompts.txt and sampling.json (settings and prompts), each written atomically."""
+    from .diffusion.pipelines import pipeline_settings, sample_pipeline
+
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
+    started = time.perf_counter()
+    pixels, used = sample_pipeline(model, num_samples, seed, prompts, batch_size, **sampling)
+    out = Path(out)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # back to [-1, 1] for the writers
+    save_adm_npz(images, out / SAMPLES)
+    save_grid_png(pixels[:100], out / "grid.png", nrow=min(10, num_samples))
+    atomic_write(out / "prompts.txt", lambda p: p.write_text("\n".join(used) + "\n"))
+    settings = {**(record or {}), "num_samples": num_samples, "seed": seed, "batch_size": batch_size,
+                "sampling": pipeline_settings(model, **sampling), "prompts": used}
+    atomic_write(out / "sampling.json", lambda p: p.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n"))
+    return {"written": num_samples, "seconds": time.perf_counter() - started}
 
 
 def _save_part(path, pixels, labels):

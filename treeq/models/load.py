@@ -2,7 +2,8 @@
 
 `load(spec)` decides by what `spec` names: "default", a `.safetensors`/`.json` pair
 written by TreeQ, an official facebookresearch/DiT `.pt` (architecture read off its tensor
-shapes), or a diffusers `DiTTransformer2DModel` folder.
+shapes), a diffusers `DiTTransformer2DModel` folder (converted to our DiT), or a diffusers pipeline or
+transformer folder of another supported family (PixArt, SD3, FLUX, Sana, Wan: loaded in place).
 """
 from pathlib import Path
 
@@ -10,13 +11,17 @@ from .checkpoint import load_model, load_official
 
 
 def load(spec):
-    """A DiT in eval mode from `spec` (see module docstring)."""
+    """A transformer in eval mode from `spec` (see module docstring)."""
     if spec == "default":
         from ..diffusion.defaults import set_sampling_defaults_
         from ..testbed import TESTBED, WEIGHTS
         return set_sampling_defaults_(load_model(WEIGHTS), TESTBED)
     path = Path(spec)
     if path.is_dir():
+        from .family_load import load_family_transformer, transformer_class
+        class_name = transformer_class(path)
+        if class_name not in (None, "DiTTransformer2DModel"):
+            return load_family_transformer(path, class_name)
         from .diffusers_load import load_diffusers
         return load_diffusers(path)
     if path.suffix in (".pt", ".pth", ".bin"):

@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write
+from ..models.adapters import CallInputs, adapter_for
+from ..models.adapters.dit import DiTAdapter
 from ..diffusion.defaults import sampling_defaults
+from ..diffusion.pipelines import collect_pipeline_calibration, is_pipeline_model, pipeline_settings
 from ..diffusion.sampling import balanced_labels, sample
 
 DEFAULT_CACHE = Path("runs") / "calibration"
@@ -23,7 +26,7 @@ COLLECTION_VERSION = 2
 
 def model_fingerprint(model):
     """A short hash of a model's weights and config: a cache key that changes with any weight."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(adapter_for(model).describe(model), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -31,10 +34,18 @@ def model_fingerprint(model):
 
 
 @torch.no_grad()
-def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, **sampling):
+def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, prompts=(), **sampling):
     """(x_t, t, y) at `num_timesteps` evenly spaced steps of the sampling trajectories of
     `num_images` images (labels balanced). With guidance each kept step adds 2 * num_images rows.
-    Sampled on the model's device, kept on the CPU (the set is fed back in batches)."""
+    Sampled on the model's device, kept on the CPU (the set is fed back in batches).
+
+    A text-to-image family records its transformer's inputs through its own pipeline instead (CallInputs,
+    prompts cycled from `prompts` or a built-in list), at every step when its sampler has fewer steps than
+    `num_timesteps` (FLUX.1-schnell samples in 4)."""
+    if is_pipeline_model(model):
+        steps = pipeline_settings(model, **sampling)["steps"]
+        return collect_pipeline_calibration(model, num_images, min(num_timesteps, steps), seed, list(prompts),
+                                            **sampling)
     settings = {**sampling_defaults(model), **sampling}
     if not 1 <= num_timesteps <= settings["steps"]:
         raise ValueError(f"num_timesteps must be in 1..{settings['steps']} (the sampler's steps), got {num_timesteps}")
@@ -57,16 +68,19 @@ def load_or_collect(model, cache_dir=DEFAULT_CACHE, **options):
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     path = Path(cache_dir) / f"{model_fingerprint(model)}-{key}.pt"
     if path.exists():
-        return tuple(torch.load(path, weights_only=True))
+        saved = torch.load(path, weights_only=True)
+        return CallInputs.from_dict(saved) if isinstance(saved, dict) else tuple(saved)
     calibration = collect_calibration(model, **options)
-    atomic_write(path, lambda p: torch.save(list(calibration), p))
+    saved = calibration.to_dict() if isinstance(calibration, CallInputs) else list(calibration)
+    atomic_write(path, lambda p: torch.save(saved, p))
     return calibration
 
 
-def spread_rows(calibration, rows):
+def spread_rows(calibration, rows, model=None):
     """`rows` calibration rows spread evenly over the set (it is ordered by sampling step)."""
-    total = len(calibration[0])
+    adapter = DiTAdapter() if model is None else adapter_for(model)
+    total = adapter.num_rows(calibration)
     if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= total:
         raise ValueError(f"calibration_rows must be in 1..{total}, got {rows!r}")
     index = torch.linspace(0, total - 1, rows).round().long()
-    return tuple(part[index] for part in calibration)
+    return adapter.select_rows(calibration, index)

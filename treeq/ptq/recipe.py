@@ -51,6 +51,8 @@ class Recipe:
     calibration_images: int = field(default=32, metadata=_flag("images whose sampling trajectories calibrate"))
     calibration_timesteps: int = field(default=10, metadata=_flag("sampling steps recorded per trajectory"))
     calibration_seed: int = 1234
+    # text-to-image families: the prompts of the calibration images, cycled (empty: a built-in list)
+    prompts: tuple = ()
     batch_size: int = 16  # rows per calibration forward
     # overrides of the model's sampling defaults (sampler, steps, cfg_scale, guidance_channels), used for
     # the calibration trajectories and by `treeq eval --quant`
@@ -58,6 +60,7 @@ class Recipe:
 
     def __post_init__(self):
         self.methods = parse_methods(self.methods)
+        self.prompts = tuple(self.prompts)
         self.switch_bits = tuple((check_bits(int(w)), check_bits(int(a))) for w, a in self.switch_bits)
         for name, allowed in (("activations", ACTIVATION_QUANTIZERS), ("activation_clip", CLIPS),
                               ("weight_clip", CLIP_METHODS)):
@@ -83,8 +86,9 @@ class Recipe:
         return self.activations == "static" or any(method.statistic for _, method, _ in self.steps())
 
     def calibration_options(self):
+        prompts = {"prompts": list(self.prompts)} if self.prompts else {}  # absent by default: DiT cache keys stay
         return {"num_images": self.calibration_images, "num_timesteps": self.calibration_timesteps,
-                "seed": self.calibration_seed, **self.sampling}
+                "seed": self.calibration_seed, **prompts, **self.sampling}
 
     def resolve_bits(self, model):
         """The bit configuration `bits` names, as a mapping for `model`."""
@@ -95,6 +99,7 @@ class Recipe:
     def to_dict(self):
         data = dataclasses.asdict(self)
         data["methods"], data["switch_bits"] = list(self.methods), [list(pair) for pair in self.switch_bits]
+        data["prompts"] = list(self.prompts)
         return data
 
     @classmethod

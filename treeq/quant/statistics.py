@@ -1,4 +1,4 @@
-"""Running the calibration set through a quantized DiT and collecting what each layer's input looks like.
+"""Running the calibration set through a quantized model and collecting what each layer's input looks like.
 
 Statistics are taken in full precision (every quantizer off), so they describe the model the
 methods are fitted to, not one distorted by whatever bits happen to be set, and one statistic
@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import torch
 
 from ..bits import quantizable_layers
+from ..models.adapters import CallInputs, adapter_for
+from ..models.adapters.dit import DiTAdapter, check_dit_calibration
 from .linear import QuantLinear
 
 
@@ -52,25 +54,26 @@ def collect_statistics(model, statistics, calibration, batch_size=16):
 
 
 def run_calibration(model, calibration, batch_size=16):
-    """Forward the calibration (x_t, t, y) in eval mode and in batches, on the model's device."""
-    x_t, t, y = check_calibration(calibration)
+    """Forward the calibration inputs in eval mode and in batches, on the model's device."""
+    adapter = adapter_for(model)
+    check_calibration(model, calibration)
     device = next(model.parameters()).device
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(x_t), batch_size):
-                batch = slice(start, start + batch_size)
-                model(x_t[batch].to(device), t[batch].to(device), y[batch].to(device))
+            for inputs in adapter.batches(calibration, batch_size, device):
+                adapter.forward(model, inputs)
     finally:
         model.train(training)
 
 
-def check_calibration(calibration):
-    if not (isinstance(calibration, (tuple, list)) and len(calibration) == 3
-            and all(torch.is_tensor(part) for part in calibration)):
-        raise ValueError("calibration must be a tuple of three tensors (x_t, t, y)")
-    if len({len(part) for part in calibration}) != 1 or len(calibration[0]) == 0:
-        raise ValueError(f"calibration tensors need one equal, non-zero batch size, got "
-                         f"{[len(part) for part in calibration]}")
+def check_calibration(model, calibration):
+    """Raise ValueError unless `calibration` is the input form of `model`'s family: (x_t, t, y) for our
+    DiT, recorded CallInputs for a diffusers transformer."""
+    if isinstance(adapter_for(model), DiTAdapter):
+        return check_dit_calibration(calibration)
+    if not isinstance(calibration, CallInputs):
+        raise ValueError(f"calibration of a {type(model).__name__} is the CallInputs its pipeline recorded "
+                         "(treeq.calibrate)")
     return calibration

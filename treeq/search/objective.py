@@ -1,15 +1,16 @@
 """The model scorer of the search: end-to-end MSE to full precision under Environmental Noise Guidance.
 
 While a segment of layers is scored, every other quantizable layer runs at `env_bits` (ENG, TreeQ
-paper; 32 = full precision). DiT is a chain of blocks, so the hidden state entering the segment's
-first block depends only on the environment: it is cached per (block, env_bits) and each candidate
+paper; 32 = full precision). A DiT is a chain of blocks (its family's adapter runs it in pieces), so
+the state entering the segment's first block depends only on the environment: it is cached per
+(block, env_bits) and each candidate
 runs from that block on, to the output or (readout_blocks) a few blocks past the segment; blocks
 before the first layer where a candidate differs from the previous one are not run again.
 """
 import torch
 
-from ..bits import quantizable_layers
-from ..bits import check_bits
+from ..bits import check_bits, quantizable_layers
+from ..models.adapters import adapter_for
 from ..ptq.apply import set_bits_
 from ..quant.linear import QuantLinear
 
@@ -23,7 +24,7 @@ class ModelObjective:
     """score(start, end, assignments) -> metrics for a model whose every quantizable layer is a QuantLinear.
 
     model: e.g. quantize(model, uniform_config(model, 8, 8), recipe); its bits are switched in
-    place. calibration: (x_t, t, y). readout_blocks: None reads the metric at the model output; k reads
+    place. calibration: the model family's inputs ((x_t, t, y) for our DiT). readout_blocks: None reads the metric at the model output; k reads
     it on the hidden tokens k blocks after the segment's last block (at the output when that passes the
     last block) - cheaper, and only candidates of one segment are ever compared. metric(output,
     reference) -> per-row errors, averaged over rows. batch_size: calibration rows per forward.
@@ -40,27 +41,28 @@ class ModelObjective:
                                            or readout_blocks < 0):
             raise ValueError(f"readout_blocks must be None or an int >= 0, got {readout_blocks!r}")
         self.model = model.eval()
+        self.adapter = adapter_for(model)
         self.modules = [model.get_submodule(name) for name in self.layers]
-        self.block_of = [int(name.split(".")[1]) for name in self.layers]
-        self.depth = len(model.blocks)
+        block_of = self.adapter.block_of(model)
+        self.block_of = [block_of[name] for name in self.layers]
+        self.depth = len(self.adapter.block_names(model))
         self.env_bits = check_bits(env_bits)
         self.readout_blocks = readout_blocks
         self.metric = metric
         device = next(model.parameters()).device
-        x_t, t, y = (part.to(device) for part in calibration)
-        self.rows = len(x_t)
-        batches = [slice(i, i + batch_size) for i in range(0, self.rows, batch_size)]
+        self.rows = self.adapter.num_rows(calibration)
+        self._batches = list(self.adapter.batches(calibration, batch_size, device))
         with torch.no_grad():
             set_bits_(model, {})  # full precision: the reference
-            self._inputs = [model.embed(x_t[b], t[b], y[b]) for b in batches]
-            self._conditioning = [c for _, c in self._inputs]
-            # FP hidden tokens leaving each block (index b + 1) and the output (index depth + 1).
+            self._embedded = [self.adapter.embed(model, inputs) for inputs in self._batches]
+            # FP readouts of the states leaving each block (index b + 1) and the output (index depth + 1).
             self._reference = {}
-            hidden = [tokens for tokens, _ in self._inputs]
+            states = self._embedded
             for block in range(self.depth):
-                hidden = [model.run_blocks(h, c, block, block + 1) for h, c in zip(hidden, self._conditioning)]
-                self._reference[block + 1] = hidden
-            self._reference[self.depth + 1] = [model.head(h, c) for h, c in zip(hidden, self._conditioning)]
+                states = [self.adapter.run_blocks(model, state, block, block + 1) for state in states]
+                self._reference[block + 1] = [self.adapter.readout(state) for state in states]
+            self._reference[self.depth + 1] = [self.adapter.head(model, inputs, state)
+                                               for inputs, state in zip(self._batches, states)]
         self._entering_cache = {}
 
     @property
@@ -97,8 +99,8 @@ class ModelObjective:
                         resume = stop if differ is None else self.block_of[start + differ]
                     trail = [entering] if resume == first else trail[:resume - first + 1]
                     for block in range(resume, stop):
-                        trail.append([self.model.run_blocks(h, c, block, block + 1)
-                                      for h, c in zip(trail[-1], self._conditioning)])
+                        trail.append([self.adapter.run_blocks(self.model, state, block, block + 1)
+                                      for state in trail[-1]])
                     metrics.append(self._measure(trail[-1], stop))
                     previous = tuple(assignment)
             finally:
@@ -106,26 +108,26 @@ class ModelObjective:
         return metrics
 
     def entering(self, block):
-        """Hidden tokens entering `block` with every layer at env_bits (per row batch), cached per (block, env_bits).
+        """The state entering `block` with every layer at env_bits (per row batch), cached per (block, env_bits).
 
         Leaves the model's layers at env_bits."""
         key = (block, self.env_bits)
         if key not in self._entering_cache:
             self._set_environment()
             if block == 0:
-                self._entering_cache[key] = [tokens for tokens, _ in self._inputs]
+                self._entering_cache[key] = self._embedded
             else:
                 before = self.entering(block - 1)  # walks back to the nearest cached block
-                self._entering_cache[key] = [self.model.run_blocks(h, c, block - 1, block)
-                                             for h, c in zip(before, self._conditioning)]
+                self._entering_cache[key] = [self.adapter.run_blocks(self.model, state, block - 1, block)
+                                             for state in before]
         return self._entering_cache[key]
 
-    def _measure(self, hidden, stop):
-        """The metric of the hidden tokens leaving block stop - 1 (through the head when that is the last block)."""
+    def _measure(self, states, stop):
+        """The metric of the states leaving block stop - 1 (through the head when that is the last block)."""
         errors = []
-        for tokens, c, reference in zip(hidden, self._conditioning,
-                                        self._reference[stop + 1 if stop == self.depth else stop]):
-            output = self.model.head(tokens, c) if stop == self.depth else tokens
+        for inputs, state, reference in zip(self._batches, states,
+                                            self._reference[stop + 1 if stop == self.depth else stop]):
+            output = self.adapter.head(self.model, inputs, state) if stop == self.depth else self.adapter.readout(state)
             errors.append(self.metric(output, reference))
         return torch.cat(errors).mean().item()
 

@@ -70,7 +70,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     calibration = load_or_collect(model, **recipe.calibration_options())
     if distributed and writer:
         torch.distributed.barrier()
-    rows = spread_rows(calibration, calibration_rows)  # a bad row count is refused before quantizing
+    rows = spread_rows(calibration, calibration_rows, model)  # a bad row count is refused before quantizing
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
@@ -108,7 +108,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         save_config(result.config, out)
         settings = {"recipe": recipe.to_dict(), "target": bits, "method": method, "env_bits": env_bits,
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
-                    if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": len(rows[0]),
+                    if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": objective.rows,
                     "readout_blocks": readout_blocks, "cost": cost, "seed": seed,
                     "refine_sweeps": refine_sweeps, "seed_ilp": seed_ilp}
         text = json.dumps({"settings": settings, **result.summary(), "front": result.front}, indent=1)

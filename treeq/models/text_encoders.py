@@ -1,0 +1,52 @@
+"""Text encoders and tokenizers built in code from configs, so text-to-image pipelines exist offline.
+
+The tokenizer is byte-level (every byte a token, no merges): any prompt encodes, different prompts give
+different ids, and nothing is downloaded. Encoders are randomly initialised T5 / CLIP models.
+"""
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+
+def byte_tokenizer(max_length, *, bos=None, eos="</s>", pad="<pad>"):
+    """A PreTrainedTokenizerFast over bytes, appending `eos` (and prepending `bos`) as T5 and CLIP do."""
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [token for token in (pad, eos, bos, "<unk>") if token]
+    vocab = {token: index for index, token in enumerate(specials)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    template = f"{bos} $A {eos}" if bos else f"$A {eos}"
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(token, vocab[token]) for token in (bos, eos) if token])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_length, pad_token=pad,
+                                   eos_token=eos, bos_token=bos, unk_token="<unk>")
+
+
+def clip_tokenizer(max_length=77):
+    # CLIP's pad token is its end token; bos/eos ids 1/2 in byte_tokenizer's order (pad 0 stays distinct)
+    return byte_tokenizer(max_length, bos="<|startoftext|>", eos="<|endoftext|>", pad="<pad>")
+
+
+def t5_encoder(d_model, *, layers=1, heads=2, d_ff=None, seed=0):
+    """A random T5EncoderModel whose vocabulary covers byte_tokenizer's ids."""
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=300, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff or 2 * d_model,
+                      num_layers=layers, num_heads=heads, relative_attention_num_buckets=8, pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def clip_encoder(hidden_size, *, projection_dim=None, layers=1, heads=2, seed=0):
+    """A random CLIP text model (with a projection when projection_dim is given, as SD3's two encoders)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=300, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                            projection_dim=projection_dim or hidden_size, pad_token_id=0, bos_token_id=2,
+                            eos_token_id=1, hidden_act="gelu")
+    model_class = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    return model_class(config).eval()
