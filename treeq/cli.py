@@ -7,6 +7,7 @@ stderr and exit 2, never a traceback.
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -135,7 +136,8 @@ def cmd_init(args):
                               input_size=args.input_size, num_classes=args.num_classes, depth=args.depth,
                               hidden_size=args.hidden_size, num_heads=args.num_heads,
                               vae_channels=args.vae_channels)
-    kind = "AutoencoderKL" if args.size == "vae" else f"{args.size} ({args.format})"
+    from .models.init import format_for
+    kind = "AutoencoderKL" if args.size == "vae" else f"{args.size} ({args.format or format_for(args.out)})"
     print(f"random {kind} -> {written}")
     return 0
 
@@ -320,7 +322,20 @@ def _add_search(sub):
     search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")
     search.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     search.add_argument("--out", default="bits.json")
-    search.set_defaults(func=cmd_search)
+    search.set_defaults(func=cmd_search, kept=_search_kept)
+
+
+def _search_kept(args):
+    """A tree search keeps its finished nodes in the state file beside --out; the baselines keep nothing."""
+    if args.method != "tss":
+        return None
+    state = Path(f"{Path(args.out).with_suffix('')}.state.json")  # as search.run names it
+    return f"the finished nodes in {state}", state
+
+
+def _add_overwrite(parser):
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out folder of another kind (refused without it)")
 
 
 def _add_sampling(parser, num_samples):
@@ -363,7 +378,10 @@ def build_parser():
     add_dataclass_arguments(train, TrainConfig, TRAIN_RANGES)
     train.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, model.safetensors")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    train.set_defaults(func=cmd_train)
+    _add_overwrite(train)
+    train.set_defaults(func=cmd_train, output_kind="training", inputs=(),
+                       kept=lambda a: (f"{a.out}/checkpoint.pt (every {a.checkpoint_every} steps)",
+                                       Path(a.out) / "checkpoint.pt"))
 
     sample = sub.add_parser("sample", help="sample images into a folder: ADM .npz, PNG grid, settings (resumable; "
                                            "shard with `torchrun --nproc_per_node N -m treeq sample ...`)")
@@ -377,7 +395,9 @@ def build_parser():
     sample.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="of the full-precision model and the VAE")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.set_defaults(func=cmd_sample)
+    _add_overwrite(sample)
+    sample.set_defaults(func=cmd_sample, output_kind="samples", inputs=("model", "quant", "vae"),
+                        kept=lambda a: (f"the finished parts in {a.out}/parts", None))
 
     evaluate = sub.add_parser("eval", help="sample and measure FID, sFID, IS, precision/recall, accuracy; "
                                            "or measure a sample folder")
@@ -394,7 +414,8 @@ def build_parser():
                                                     "AutoencoderKL folder)")
     init.add_argument("--out", required=True, help=".pt (official), a folder (diffusers pipeline or VAE) or a "
                                                    ".safetensors (TreeQ)")
-    init.add_argument("--format", choices=("official", "diffusers", "treeq"), default="official")
+    init.add_argument("--format", choices=("official", "diffusers", "treeq"), default=None,
+                      help="default: the one --out names (.pt official, .safetensors treeq, a folder diffusers)")
     init.add_argument("--seed", type=SEED, default=0)
     init.add_argument("--input-size", type=COUNT, default=None, help="latent side (DiT-XL/2 at 256px: 32)")
     init.add_argument("--num-classes", type=COUNT, default=None)
@@ -426,7 +447,8 @@ def build_parser():
     quant.add_argument("--seed-ilp", action="store_true",
                        help="with --target: seed the tree search with the integer program's configuration")
     quant.add_argument("--out", required=True)
-    quant.set_defaults(func=cmd_quantize)
+    _add_overwrite(quant)
+    quant.set_defaults(func=cmd_quantize, output_kind="run", inputs=("model", "bits"))
 
     from .quant.finetune import FINETUNE_RANGES, FinetuneConfig
     finetune = sub.add_parser("finetune", help="QLoRA-style: train the branches (and with --step-sizes the weight step "
@@ -435,12 +457,16 @@ def build_parser():
     finetune.add_argument("--out", required=True, help="the fine-tuned run folder (also holds the checkpoint)")
     add_dataclass_arguments(finetune, FinetuneConfig, FINETUNE_RANGES)
     finetune.add_argument("--resume", action="store_true", help="continue from OUT/finetune_checkpoint.pt")
-    finetune.set_defaults(func=cmd_finetune)
+    _add_overwrite(finetune)
+    finetune.set_defaults(func=cmd_finetune, output_kind="run", inputs=("quant",),
+                          kept=lambda a: (f"{a.out}/finetune_checkpoint.pt (every {a.checkpoint_every} steps)",
+                                          Path(a.out) / "finetune_checkpoint.pt"))
 
     export = sub.add_parser("export", help="write a packed integer checkpoint of a quantization run")
     export.add_argument("--quant", required=True, help="a folder written by `treeq quantize`")
     export.add_argument("--out", required=True)
-    export.set_defaults(func=cmd_export)
+    _add_overwrite(export)
+    export.set_defaults(func=cmd_export, output_kind="export", inputs=("quant",))
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench.add_argument("which", choices=tuple(_BENCHES))
@@ -462,16 +488,49 @@ def build_parser():
     return parser
 
 
+def _check_before_work(args):
+    """What every command checks before it loads a model: --resume has something to resume, and --out
+    neither replaces an input nor mixes into a folder of another kind (io.check_output)."""
+    kept = getattr(args, "kept", None)
+    if getattr(args, "resume", False):
+        state = kept(args) if kept else None
+        if state is None or state[1] is None:
+            raise ValueError(f"--resume continues a tree search (--method tss); {args.method} keeps no state")
+        if not Path(state[1]).exists():
+            raise FileNotFoundError(f"nothing to resume: no {state[1]}; run without --resume to start afresh")
+    if getattr(args, "output_kind", None):
+        from .io import check_output
+        check_output(args.out, args.output_kind, [getattr(args, name, None) for name in args.inputs],
+                     overwrite=args.overwrite)
+
+
+def _interrupted(args, argv):
+    """The one line of a Ctrl-C: what the command kept and how to continue."""
+    kept = getattr(args, "kept", None)
+    state = kept(args) if kept else None
+    command = "treeq " + shlex.join(argv)
+    if state is None:
+        return f"treeq: interrupted; {args.command} keeps no partial work: rerun `{command}`"
+    what, path = state
+    again = command if path is None or "--resume" in argv else command + " --resume"
+    return f"treeq: interrupted; kept {what}: continue with `{again}`"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a flag error already printed
         return stop.code
     try:
+        _check_before_work(args)
         return args.func(args)
     except (FileNotFoundError, ValueError, OSError) as error:
         print(f"treeq: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args, argv), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
