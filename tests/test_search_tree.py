@@ -25,7 +25,7 @@ class CoupledScorer:
     def __init__(self, n=8, env=HIGH, penalty=5.0):
         self.errors = [1.5, 1.6, 1.7, 1.0, 1.1, 1.8, 1.9, 2.0][:n]
         self.n, self.env, self.penalty, self.calls = n, env, penalty, 0
-        self.scored = []  # (start, end, bits) of every assignment scored
+        self.keys = []  # (start, end, bits) of every assignment scored
 
     def full(self, config):
         low = [pair == LOW for pair in config]
@@ -34,7 +34,7 @@ class CoupledScorer:
 
     def score(self, start, end, assignments):
         self.calls += 1
-        self.scored += [(start, end, tuple(bits)) for bits in assignments]
+        self.keys += [(start, end, tuple(bits)) for bits in assignments]
         return [self.full([self.env] * start + list(bits) + [self.env] * (self.n - end)) for bits in assignments]
 
 
@@ -149,9 +149,9 @@ def test_a_resumed_search_scores_exactly_what_the_interrupted_one_had_not(tmp_pa
             tree_search(interrupted, space, cost, target, **options)
         resumed = CoupledScorer()
         tree_search(resumed, space, cost, target, resume=True, **options)
-        assert not set(interrupted.scored) & set(resumed.scored), fail_at
-        assert sorted(interrupted.scored + resumed.scored) == sorted(full.scored), fail_at
-        assert interrupted.scored and resumed.scored
+        assert not set(interrupted.keys) & set(resumed.keys), fail_at
+        assert sorted(interrupted.keys + resumed.keys) == sorted(full.keys), fail_at
+        assert interrupted.keys and resumed.keys
 
 
 def test_resume_without_a_state_file_is_refused(tmp_path):
