@@ -89,7 +89,8 @@ def train(config: TrainConfig, images, labels, out_dir, resume=False, log=print)
         generator.set_state(state["generator"])
         step = state["step"]
         log(f"resumed from step {step}")
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
+    text = json.dumps(asdict(config), indent=2, sort_keys=True)
+    atomic_write(out_dir / "train_config.json", lambda p: p.write_text(text))
     model.train()
     gamma, floor = config.min_snr_gamma or None, config.snr_floor or None
     with open(out_dir / "log.jsonl", "a") as log_file, tqdm(total=config.steps, initial=step, desc="train") as bar:
