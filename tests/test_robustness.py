@@ -1,5 +1,6 @@
 """Bad input, interrupted work and overwritten runs (issue 20): each refused in one line, before any work."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -125,10 +126,10 @@ def test_init_reads_the_format_off_the_out_suffix(tmp_path, capsys):
 
 
 def test_a_saved_model_with_an_impossible_config_is_refused_on_load(tiny_path, capsys):
-    config = json.loads(open(tiny_path.replace(".safetensors", ".json")).read())
+    meta = Path(tiny_path).with_suffix(".json")
+    config = json.loads(meta.read_text())
     for change, message in [({"num_heads": 7}, "multiple of num_heads"), ({"depth": 0}, "depth")]:
-        with open(tiny_path.replace(".safetensors", ".json"), "w") as file:
-            json.dump({**config, **change}, file)
+        meta.write_text(json.dumps({**config, **change}))
         assert main(["info", "--model", tiny_path]) == 2
         _one_line(capsys, message)
 
