@@ -75,9 +75,7 @@ def test_a_folder_of_another_kind_needs_overwrite(run, tiny_path, tmp_path, caps
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     assert main(["sample", "--model", tiny_path, "--num-samples", "1", "--out", str(tmp_path / "notes")]) == 2
     _one_line(capsys, "other files")
-    # the same kind is accepted: a run folder quantized again, a sample folder resumed
-    assert main(["quantize", "--model", tiny_path, "--config", "W4A4", "--out", str(other / "..")]) == 2
-    capsys.readouterr()
+    # the same kind is accepted: a run folder quantized again
     assert main(["quantize", "--model", tiny_path, "--config", "W4A4", "--out", str(run)]) == 0
 
 
