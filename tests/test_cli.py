@@ -119,7 +119,7 @@ def test_fp_eval_has_null_psnr(tiny_path, capsys):
     (["quantize", "--model", "TINY", "--config", "W5A5", "--out", "OUT"], "W5A5"),
     (["quantize", "--model", "TINY", "--config", "BITS", "--out", "OUT"], "unknown layer"),
     (["sample", "--quant", "EMPTY", "--out", "OUT"], "holds no quantization run"),
-    (["sample", "--model", "TINY", "--num-samples", "-3", "--out", "OUT"], "positive integer, got -3"),
+    (["sample", "--model", "TINY", "--num-samples", "-3", "--out", "OUT"], "expected integer >= 1, got -3"),
     (["quantize", "--model", "TINY", "--config", "BROKEN", "--out", "OUT"], "broken.json: not a bit configuration"),
     (["quantize", "--model", "TINY", "--method", "lowrank,smooth", "--out", "OUT"], "cannot follow lowrank"),
     (["quantize", "--model", "TINY", "--method", "smooth", "--out", "OUT", "--clip", "p99"], "invalid choice"),

@@ -186,3 +186,63 @@ def test_inception_fid_without_its_extra_is_one_clear_line(tiny_pipeline, tmp_pa
     weights.write_bytes(b"not really")
     assert main(["eval", "--samples", out, "--inception-weights", str(weights), "--reference", out]) == 2
     assert "treeq[fid]" in capsys.readouterr().err
+
+
+def _pipeline_images(model, folder, labels, **settings):
+    latents = sample(model, torch.tensor(labels), seed=0, progress=False, **resolve_sampling(model, **settings))
+    return (decode(load_vae(folder / "vae"), latents) / 2 + 0.5).clamp(0, 1)
+
+
+def _diffusers_loop(pipeline, scheduler, labels, steps):
+    """The sampling loop of diffusers' documentation and of its other pipelines, unguided, on the pipeline's own
+    transformer and VAE: noise times init_noise_sigma, the model on scale_model_input(x), the step from x."""
+    from treeq.diffusion.sampling import initial_noise
+
+    x = initial_noise(sample_generators(0, range(len(labels))), (4, 8, 8))
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    y = torch.tensor(labels)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = pipeline.transformer(scheduler.scale_model_input(x, t), timestep=t[None].expand(len(x)),
+                                       class_labels=y).sample
+            x = scheduler.step(out[:, :4], t, x).prev_sample
+        images = pipeline.vae.decode(x / pipeline.vae.config.scaling_factor).sample
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def test_a_scheduler_whose_initial_sigma_is_not_one_gets_scaled_noise(tiny_pipeline):
+    """Decided (docs/DESIGN.md): with Euler (init_noise_sigma > 1, a scale_model_input that is not the identity)
+    we sample as diffusers' schedulers expect; DiTPipeline neither scales the initial noise nor steps from the
+    unscaled sample, so it differs there (it is exact only for schedulers like its own DDIM)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipeline, folder = tiny_pipeline
+    config = dict(EulerDiscreteScheduler.from_config(pipeline.scheduler.config).config)
+    labels = [0, 1]
+    ours = _pipeline_images(load(str(folder)), folder, labels, steps=4, cfg_scale=1.0, scheduler=config)
+    reference = _diffusers_loop(pipeline, EulerDiscreteScheduler.from_config(config), labels, 4)
+    assert (ours - reference).abs().max() < 1e-4
+    euler_pipeline = pipeline.__class__(pipeline.transformer, pipeline.vae, EulerDiscreteScheduler.from_config(config))
+    with torch.no_grad():
+        theirs = euler_pipeline(class_labels=labels, generator=sample_generators(0, range(2)), guidance_scale=1.0,
+                                num_inference_steps=4, output_type="pt").images
+    assert (ours - theirs).abs().max() > 0.05
+
+
+def test_guidance_below_one_guides_where_ditpipeline_does_not(tiny_pipeline):
+    """Decided (docs/DESIGN.md): --cfg-scale s always means uncond + s (cond - uncond), so 0 samples the
+    unconditional model and 0.5 lies between; DiTPipeline (and the official sample.py) skip guidance at s <= 1."""
+    pipeline, folder = tiny_pipeline
+    model = load(str(folder))
+    labels = [0, 1]
+    half = _pipeline_images(model, folder, labels, steps=4, cfg_scale=0.5)
+    unguided = _pipeline_images(model, folder, labels, steps=4, cfg_scale=1.0)
+    assert (half - unguided).abs().max() > 1e-3
+    with torch.no_grad():
+        theirs = pipeline(class_labels=labels, generator=sample_generators(0, range(2)), guidance_scale=0.5,
+                          num_inference_steps=4, output_type="pt").images
+    assert (theirs - unguided).abs().max() < 1e-4  # DiTPipeline ignores a scale <= 1
+    null = model.config.num_classes
+    unconditional = _pipeline_images(model, folder, [null, null], steps=4, cfg_scale=1.0)
+    assert (_pipeline_images(model, folder, labels, steps=4, cfg_scale=0.0) - unconditional).abs().max() < 1e-4

@@ -102,3 +102,29 @@ def test_shared_prefixes_are_not_recomputed_and_change_no_metric(scored):
     assert len(calls) == 1  # block 0 ran once for three candidates
     alone = [objective.score(0, 6, [a])[0] for a in assignments]
     assert metrics == alone and metrics[0] == metrics[2] != metrics[1]
+
+
+def test_the_environment_bits_change_a_segments_score(scored):
+    """ENG: the same candidate of the same segment scores worse in a W3A3 environment than in full precision,
+    and switching the environment of one objective changes its scores the same way."""
+    _, quantized = scored
+    candidate = [((4, 4), (4, 4))]
+    in_fp = ModelObjective(quantized, calibration(), 32).score(6, 8, candidate)[0]
+    low = ModelObjective(quantized, calibration(), 3)
+    in_w3a3 = low.score(6, 8, candidate)[0]
+    assert in_w3a3 > 10 * in_fp > 0
+    low.set_env_bits(32)
+    assert low.score(6, 8, candidate)[0] == pytest.approx(in_fp, rel=1e-6)
+
+
+def test_environment_at_full_precision_and_at_the_target_give_different_trees(scored):
+    fp, quantized = scored
+    space = SearchSpace.build(quantizable_layers(fp), [(4, 4), (3, 3), (2, 2), (8, 8)])
+    cost = cost_model(fp)
+    trees = {}
+    for env_bits in (32, 4):
+        result = tree_search(ModelObjective(quantized, calibration(), env_bits), space, cost, 4.0, queue_size=4,
+                             progress=False)
+        trees[env_bits] = [(v["w_bits"], v["a_bits"]) for v in result.config.values()]
+        assert result.average_bits <= 4.0 + 1e-9
+    assert trees[32] != trees[4]

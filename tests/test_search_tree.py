@@ -25,6 +25,7 @@ class CoupledScorer:
     def __init__(self, n=8, env=HIGH, penalty=5.0):
         self.errors = [1.5, 1.6, 1.7, 1.0, 1.1, 1.8, 1.9, 2.0][:n]
         self.n, self.env, self.penalty, self.calls = n, env, penalty, 0
+        self.keys = []  # (start, end, bits) of every assignment scored
 
     def full(self, config):
         low = [pair == LOW for pair in config]
@@ -33,6 +34,7 @@ class CoupledScorer:
 
     def score(self, start, end, assignments):
         self.calls += 1
+        self.keys += [(start, end, tuple(bits)) for bits in assignments]
         return [self.full([self.env] * start + list(bits) + [self.env] * (self.n - end)) for bits in assignments]
 
 
@@ -131,6 +133,32 @@ def test_impossible_budget_is_refused_with_the_lowest_achievable_bits():
 def test_bad_candidate_sets_are_refused(candidates, message):
     with pytest.raises(ValueError, match=message):
         SearchSpace.build(["layer0", "layer1"], candidates)
+
+
+def test_a_resumed_search_scores_exactly_what_the_interrupted_one_had_not(tmp_path):
+    """Every (segment, candidate) is scored once over the interrupted and the resumed run together: none
+    twice (not even those of the node in progress), none left out; a full run scores the same set."""
+    space, cost, target = coupled_problem()
+    options = dict(queue_size=3, progress=False, chunk_size=2, state_path=tmp_path / "s.json")
+    full = CoupledScorer()
+    tree_search(full, space, cost, target, **{**options, "state_path": tmp_path / "full.json"})
+    for fail_at in (3, 12, 20):  # early (leaves), in the middle, late in the search
+        (tmp_path / "s.json").unlink(missing_ok=True)
+        interrupted = FailingScorer(fail_at=fail_at)
+        with pytest.raises(Interrupt):
+            tree_search(interrupted, space, cost, target, **options)
+        resumed = CoupledScorer()
+        tree_search(resumed, space, cost, target, resume=True, **options)
+        assert not set(interrupted.keys) & set(resumed.keys), fail_at
+        assert sorted(interrupted.keys + resumed.keys) == sorted(full.keys), fail_at
+        assert interrupted.keys and resumed.keys
+
+
+def test_resume_without_a_state_file_is_refused(tmp_path):
+    space, cost, target = coupled_problem()
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        tree_search(CoupledScorer(), space, cost, target, state_path=tmp_path / "none.json", resume=True,
+                    progress=False)
 
 
 class Interrupt(Exception):

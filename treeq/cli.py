@@ -7,6 +7,7 @@ stderr and exit 2, never a traceback.
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -16,6 +17,14 @@ from pathlib import Path
 # (scripts/thread_policy.py, docs/RESULTS.md). Read when torch loads OpenMP, so set before any import
 # of torch; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .flags import add_dataclass_arguments, number  # noqa: E402  (light: no torch)
+
+# Shared ranges of flags that several commands take (docs/CLI-FLAGS.md lists every one).
+COUNT = number(int, 1)          # images, steps, sizes: at least one
+SEED = number(int, 0)           # per-sample seeds hash (seed, index): non-negative
+STEPS = number(int, 1, 1000)    # sampling steps within the 1000 training timesteps
+CFG = number(float, 0)          # 0 samples unconditionally, 1 unguided, above 1 guides (docs/DESIGN.md)
 
 
 def _load(args):
@@ -27,15 +36,10 @@ def _load(args):
     return load(args.model)
 
 
-def _positive_int(text):
-    """argparse type: an int of at least 1, with a one-line error otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _env_bits():
+    """ENG's environment bits: a supported bit-width (2..8 quantized, 16 or 32 full precision)."""
+    from .bits import SUPPORTED_BITS
+    return number(int, min(SUPPORTED_BITS), max(SUPPORTED_BITS), allowed=SUPPORTED_BITS)
 
 
 def _sampling_overrides(args):
@@ -165,7 +169,8 @@ def cmd_init(args):
                               input_size=args.input_size, num_classes=args.num_classes, depth=args.depth,
                               hidden_size=args.hidden_size, num_heads=args.num_heads,
                               vae_channels=args.vae_channels)
-    kind = "AutoencoderKL" if args.size == "vae" else f"{args.size} ({args.format})"
+    from .models.init import format_for
+    kind = "AutoencoderKL" if args.size == "vae" else f"{args.size} ({args.format or format_for(args.out)})"
     print(f"random {kind} -> {written}")
     return 0
 
@@ -340,50 +345,63 @@ def _add_search(sub):
                         help="the recipe's PTQ methods the search scores and quantize applies (default hadamard,gptq)")
     search.add_argument("--activations", default=None, choices=("dynamic", "dynamic-asym", "static"),
                         help="the recipe's activation quantizer (default dynamic-asym)")
-    search.add_argument("--env-bits", type=int, default=None,
+    search.add_argument("--env-bits", type=_env_bits(), default=None,
                         help="environmental noise: bits of every layer outside the scored segment (default the "
                              "target; 32 = full precision)")
-    search.add_argument("--queue-size", type=int, default=16)
-    search.add_argument("--calibration-images", type=_positive_int, default=None,
+    search.add_argument("--queue-size", type=COUNT, default=16)
+    search.add_argument("--calibration-images", type=COUNT, default=None,
                         help="images whose sampling trajectories calibrate (default 32)")
-    search.add_argument("--calibration-timesteps", type=_positive_int, default=None,
+    search.add_argument("--calibration-timesteps", type=COUNT, default=None,
                         help="sampling steps recorded per trajectory (default 10)")
     search.add_argument("--candidates", default=None, help="(w,a) pairs, e.g. '4,4 3,4 4,3 8,8' (default by target)")
-    search.add_argument("--calibration-rows", type=int, default=16,
+    search.add_argument("--calibration-rows", type=COUNT, default=16,
                         help="rows of the calibration set scored per candidate (16: a W4A4 testbed search in ~4 CPU "
                              "minutes; see docs/search-measurements.md)")
-    search.add_argument("--readout-blocks", type=int, default=1,
+    search.add_argument("--readout-blocks", type=number(int, -1), default=1,
                         help="read the metric this many blocks past the segment; -1 = at the model output")
-    search.add_argument("--evaluations", type=int, default=None,
+    search.add_argument("--evaluations", type=COUNT, default=None,
                         help="evo/random: configurations to score (default: the tree search's upper bound)")
     search.add_argument("--cost", choices=("bops", "memory"), default="bops")
-    search.add_argument("--refine-sweeps", type=int, default=0,
+    search.add_argument("--refine-sweeps", type=number(int, 0), default=0,
                         help="after the search, this many coordinate-descent sweeps on the end-to-end metric "
                              "within the budget (0: none)")
     search.add_argument("--seed-ilp", action="store_true",
                         help="tss: run the integer program first and keep its configuration in every node's queue "
                              "(the tree then ends at or below its metric)")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=SEED, default=0)
     search.add_argument("--resume", action="store_true", help="continue from the state file beside --out")
     search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")
     search.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     search.add_argument("--out", default="bits.json")
     _add_prompts(search)
-    search.set_defaults(func=cmd_search)
+    search.set_defaults(func=cmd_search, kept=_search_kept)
+
+
+def _search_kept(args):
+    """A tree search keeps its finished nodes in the state file beside --out; the baselines keep nothing."""
+    if args.method != "tss":
+        return None
+    state = Path(f"{Path(args.out).with_suffix('')}.state.json")  # as search.run names it
+    return f"the finished nodes in {state}", state
+
+
+def _add_overwrite(parser):
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out folder of another kind (refused without it)")
 
 
 def _add_sampling(parser, num_samples):
     parser.add_argument("--model", default="default",
                         help="'default' (the embedded testbed), a TreeQ .safetensors, an official .pt, "
                              "a diffusers DiT pipeline or transformer folder")
-    parser.add_argument("--num-samples", type=_positive_int, default=num_samples)
-    parser.add_argument("--seed", type=int, default=0, help="sample i draws its noise from seed (SEED, i)")
+    parser.add_argument("--num-samples", type=COUNT, default=num_samples)
+    parser.add_argument("--seed", type=SEED, default=0, help="sample i draws its noise from seed (SEED, i)")
     parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm", "pipeline"), default=None,
                         help="default: the model's (testbed dpm++, official DiT ddpm, a pipeline its scheduler)")
     parser.add_argument("--scheduler", help="a diffusers scheduler_config.json to sample with (sets --sampler pipeline)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--cfg-scale", type=float, default=None)
-    parser.add_argument("--guidance-channels", type=int, default=None,
+    parser.add_argument("--steps", type=STEPS, default=None)
+    parser.add_argument("--cfg-scale", type=CFG, default=None)
+    parser.add_argument("--guidance-channels", type=COUNT, default=None,
                         help="guide only the first N output channels (3 reproduces the official DiT sampler)")
     parser.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
                         help="clip samples to [-1, 1] at every step (default: the model's)")
@@ -408,32 +426,36 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    from .diffusion.train import TrainConfig
+    from .diffusion.train import TRAIN_RANGES, TrainConfig
     from .ptq.recipe import add_recipe_arguments
 
     parser = _Parser(prog="treeq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a DiT on the embedded MNIST digits")
-    for field in fields(TrainConfig):
-        train.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    add_dataclass_arguments(train, TrainConfig, TRAIN_RANGES)
     train.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, model.safetensors")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    train.set_defaults(func=cmd_train)
+    _add_overwrite(train)
+    train.set_defaults(func=cmd_train, output_kind="training", inputs=(),
+                       kept=lambda a: (f"{a.out}/checkpoint.pt (every {a.checkpoint_every} steps)",
+                                       Path(a.out) / "checkpoint.pt"))
 
     sample = sub.add_parser("sample", help="sample images into a folder: ADM .npz, PNG grid, settings (resumable; "
                                            "shard with `torchrun --nproc_per_node N -m treeq sample ...`)")
     _add_sampling(sample, 100)
     sample.add_argument("--quant", help="a folder written by `treeq quantize` or `treeq export`")
     sample.add_argument("--out", required=True, help="run folder; rerun the same command to resume")
-    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--batch-size", type=COUNT, default=16)
     sample.add_argument("--vae", help="diffusers AutoencoderKL folder to decode latents (default: the pipeline's)")
     sample.add_argument("--classes", help="comma-separated class ids or id2label names to cycle (default: all, balanced)")
     sample.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda or cuda:N")
     sample.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="of the full-precision model and the VAE")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.set_defaults(func=cmd_sample)
+    _add_overwrite(sample)
+    sample.set_defaults(func=cmd_sample, output_kind="samples", inputs=("model", "quant", "vae"),
+                        kept=lambda a: (f"the finished parts in {a.out}/parts", None))
 
     evaluate = sub.add_parser("eval", help="sample and measure FID, sFID, IS, precision/recall, accuracy; "
                                            "or measure a sample folder")
@@ -453,13 +475,14 @@ def build_parser():
                                                    "AutoencoderKL folder); with --family: tiny (default) or full")
     init.add_argument("--out", required=True, help=".pt (official), a folder (diffusers pipeline or VAE) or a "
                                                    ".safetensors (TreeQ)")
-    init.add_argument("--format", choices=("official", "diffusers", "treeq"), default="official")
-    init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--input-size", type=int, default=None, help="latent side (DiT-XL/2 at 256px: 32)")
-    init.add_argument("--num-classes", type=int, default=None)
-    init.add_argument("--depth", type=int, default=None)
-    init.add_argument("--hidden-size", type=int, default=None)
-    init.add_argument("--num-heads", type=int, default=None)
+    init.add_argument("--format", choices=("official", "diffusers", "treeq"), default=None,
+                      help="default: the one --out names (.pt official, .safetensors treeq, a folder diffusers)")
+    init.add_argument("--seed", type=SEED, default=0)
+    init.add_argument("--input-size", type=COUNT, default=None, help="latent side (DiT-XL/2 at 256px: 32)")
+    init.add_argument("--num-classes", type=COUNT, default=None)
+    init.add_argument("--depth", type=COUNT, default=None)
+    init.add_argument("--hidden-size", type=COUNT, default=None, help="a multiple of --num-heads")
+    init.add_argument("--num-heads", type=COUNT, default=None)
     init.add_argument("--vae-channels", default="128,256,512,512",
                       help="block widths of the random VAE (diffusers format and 'vae'); SD-VAE's by default")
     init.set_defaults(func=cmd_init)
@@ -471,9 +494,8 @@ def build_parser():
 
     quant = sub.add_parser("quantize", help="quantize a model by a recipe; the run folder holds its whole state")
     add_recipe_arguments(quant)
-    for flag in ("--sampler", "--steps", "--cfg-scale", "--guidance-channels"):
-        quant.add_argument(flag, type=float if flag == "--cfg-scale" else None if flag == "--sampler" else int,
-                           default=None, help="sampling setting of the calibration trajectories")
+    for flag, kind in (("--sampler", None), ("--steps", STEPS), ("--cfg-scale", CFG), ("--guidance-channels", COUNT)):
+        quant.add_argument(flag, type=kind, default=None, help="sampling setting of the calibration trajectories")
     quant.add_argument("--device", default="cuda" if _cuda() else "cpu",
                        help="cpu, cuda or cuda:N: where calibration and the methods run")
     _add_prompts(quant)
@@ -482,37 +504,36 @@ def build_parser():
                             "--config; the search scores this recipe, branch included, and writes OUT/search/")
     quant.add_argument("--search", default="tss", choices=("tss", "ilp", "evo", "greedy", "random", "uniform"),
                        help="with --target: the search method (default tss, TreeQ's tree search)")
-    quant.add_argument("--env-bits", type=int, default=None, help="with --target: ENG's environment bits")
-    quant.add_argument("--queue-size", type=int, default=16, help="with --target: the tree search's queue size")
+    quant.add_argument("--env-bits", type=_env_bits(), default=None, help="with --target: ENG's environment bits")
+    quant.add_argument("--queue-size", type=COUNT, default=16, help="with --target: the tree search's queue size")
     quant.add_argument("--seed-ilp", action="store_true",
                        help="with --target: seed the tree search with the integer program's configuration")
     quant.add_argument("--out", required=True)
-    quant.set_defaults(func=cmd_quantize)
+    _add_overwrite(quant)
+    quant.set_defaults(func=cmd_quantize, output_kind="run", inputs=("model", "bits"))
 
-    from .finetune.distill import FinetuneConfig
+    from .finetune.distill import FINETUNE_RANGES, FinetuneConfig
     finetune = sub.add_parser("finetune", help="QLoRA-style: train the branches (and with --step-sizes the weight step "
                                       "sizes) of a quantized run against FP")
     finetune.add_argument("--quant", required=True, help="a run folder written by `treeq quantize`")
     finetune.add_argument("--out", required=True, help="the fine-tuned run folder (also holds the checkpoint)")
-    for field in fields(FinetuneConfig):
-        flag = f"--{field.name.replace('_', '-')}"
-        if field.type is bool:
-            finetune.add_argument(flag, action="store_true")
-            continue
-        kind = _positive_int if field.type is int and field.name != "seed" else type(field.default)
-        finetune.add_argument(flag, type=kind, default=field.default)
+    add_dataclass_arguments(finetune, FinetuneConfig, FINETUNE_RANGES)
     finetune.add_argument("--resume", action="store_true", help="continue from OUT/finetune_checkpoint.pt")
-    finetune.set_defaults(func=cmd_finetune)
+    _add_overwrite(finetune)
+    finetune.set_defaults(func=cmd_finetune, output_kind="run", inputs=("quant",),
+                          kept=lambda a: (f"{a.out}/finetune_checkpoint.pt (every {a.checkpoint_every} steps)",
+                                          Path(a.out) / "finetune_checkpoint.pt"))
 
     export = sub.add_parser("export", help="write a packed integer checkpoint of a quantization run")
     export.add_argument("--quant", required=True, help="a folder written by `treeq quantize`")
     export.add_argument("--out", required=True)
-    export.set_defaults(func=cmd_export)
+    _add_overwrite(export)
+    export.set_defaults(func=cmd_export, output_kind="export", inputs=("quant",))
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench.add_argument("which", choices=tuple(_BENCHES))
-    bench.add_argument("--num-samples", type=_positive_int, default=500)
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--num-samples", type=COUNT, default=500)
+    bench.add_argument("--seed", type=SEED, default=0)
     bench.add_argument("--settings", default=None,
                        help="ptq, paper, ablation: presets to run, e.g. W4A4,W3A3 (split a long bench over "
                             "processes; default: the bench's own)")
@@ -523,22 +544,55 @@ def build_parser():
 
     demo = sub.add_parser("demo", help="the main job on the embedded testbed")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--num-samples", type=_positive_int, default=100)
+    demo.add_argument("--num-samples", type=COUNT, default=100)
     demo.set_defaults(func=cmd_demo)
     _add_search(sub)
     return parser
 
 
+def _check_before_work(args):
+    """What every command checks before it loads a model: --resume has something to resume, and --out
+    neither replaces an input nor mixes into a folder of another kind (io.check_output)."""
+    kept = getattr(args, "kept", None)
+    if getattr(args, "resume", False):
+        state = kept(args) if kept else None
+        if state is None or state[1] is None:
+            raise ValueError(f"--resume continues a tree search (--method tss); {args.method} keeps no state")
+        if not Path(state[1]).exists():
+            raise FileNotFoundError(f"nothing to resume: no {state[1]}; run without --resume to start afresh")
+    if getattr(args, "output_kind", None):
+        from .io import check_output
+        check_output(args.out, args.output_kind, [getattr(args, name, None) for name in args.inputs],
+                     overwrite=args.overwrite)
+
+
+def _interrupted(args, argv):
+    """The one line of a Ctrl-C: what the command kept and how to continue."""
+    kept = getattr(args, "kept", None)
+    state = kept(args) if kept else None
+    command = "treeq " + shlex.join(argv)
+    if state is None:
+        return f"treeq: interrupted; {args.command} keeps no partial work: rerun `{command}`"
+    what, path = state
+    again = command if path is None or "--resume" in argv else command + " --resume"
+    return f"treeq: interrupted; kept {what}: continue with `{again}`"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a flag error already printed
         return stop.code
     try:
+        _check_before_work(args)
         return args.func(args)
     except (FileNotFoundError, ValueError, OSError) as error:
         print(f"treeq: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args, argv), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

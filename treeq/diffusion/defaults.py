@@ -37,6 +37,9 @@ def check_sampling(settings):
         raise ValueError("sampler 'pipeline' needs the pipeline's scheduler config; this model carries none")
     if not isinstance(settings["steps"], int) or settings["steps"] < 1:
         raise ValueError(f"steps must be a positive integer, got {settings['steps']!r}")
+    cfg = settings["cfg_scale"]  # NaN would pass every comparison and be recorded as a setting no run matches
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg < float("inf"):
+        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg!r}")
     return settings
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..flags import number
 from ..io import atomic_write
 from ..models.checkpoint import save_model
 from ..models.registry import create_model
@@ -36,6 +37,15 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     threads: int = 0             # torch threads; 0 keeps torch's default
+
+
+# The valid range of every numeric field: `treeq train` builds its flags from them (treeq/flags.py).
+TRAIN_RANGES = {
+    "steps": number(int, 1), "batch_size": number(int, 1), "lr": number(float, 0, low_open=True),
+    "warmup_steps": number(int, 1), "weight_decay": number(float, 0), "grad_clip": number(float, 0, low_open=True),
+    "ema_decay": number(float, 0, 1), "min_snr_gamma": number(float, 0), "snr_floor": number(float, 0),
+    "seed": number(int, 0), "checkpoint_every": number(int, 1), "threads": number(int, 0),
+}
 
 
 def lr_at(step, config):
@@ -79,7 +89,8 @@ def train(config: TrainConfig, images, labels, out_dir, resume=False, log=print)
         generator.set_state(state["generator"])
         step = state["step"]
         log(f"resumed from step {step}")
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
+    text = json.dumps(asdict(config), indent=2, sort_keys=True)
+    atomic_write(out_dir / "train_config.json", lambda p: p.write_text(text))
     model.train()
     gamma, floor = config.min_snr_gamma or None, config.snr_floor or None
     with open(out_dir / "log.jsonl", "a") as log_file, tqdm(total=config.steps, initial=step, desc="train") as bar:

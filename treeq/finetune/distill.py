@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..bits import is_full_precision
 from ..diffusion.loss import GaussianDiffusion
+from ..flags import number
 from ..io import atomic_write
 from ..quant.statistics import quantized_layers
 
@@ -33,6 +34,13 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 50
     step_sizes: bool = False    # also train the weight quantizers' step sizes (LSQ-style, codes fixed)
+
+
+# The valid range of every numeric field: `treeq finetune` builds its flags from them (treeq/flags.py).
+FINETUNE_RANGES = {
+    "steps": number(int, 1), "batch_size": number(int, 1), "lr": number(float, 0, low_open=True),
+    "label_dropout": number(float, 0, 1), "seed": number(int, 0), "checkpoint_every": number(int, 1),
+}
 
 
 def branch_parameters(model):

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..bits import is_full_precision
+from ..flags import number
 from ..branches import LowRankBranch, MonarchBranch, monarch_shape
 from .gptq import HessianAccumulator, gptq_quantize
 from .rotation import HadamardTransform, rotate_linear_
@@ -30,6 +31,7 @@ class Method:
     options: dict = field(default_factory=dict)  # defaults, overridden per method by a recipe
     statistic: Callable | None = None  # per-layer calibration statistic of the layer's input, taken just before the step
     help: str = ""
+    bounds: dict = field(default_factory=dict)  # option -> flags.Number: its valid values (flags and recipes)
 
 
 def _rtn(layer, statistic, w_bits):
@@ -95,15 +97,18 @@ def _no_structure(layer, **options):
 METHODS = {
     "rtn": Method("rounding", _rtn, _no_structure, help="round to nearest"),
     "gptq": Method("rounding", _gptq, _rebuild_gptq, {"damp": 0.01, "block_size": 128}, HessianAccumulator,
-                   "Hessian-aware rounding, codes for every w_bits a run may switch to"),
+                   "Hessian-aware rounding, codes for every w_bits a run may switch to",
+                   {"damp": number(float, 0, 1, low_open=True), "block_size": number(int, 1)}),
     "hadamard": Method("transform", _hadamard, _rebuild_hadamard, help="online block-Hadamard rotation of the input"),
     "smooth": Method("transform", _smooth, _rebuild_smooth, {"alpha": 0.5}, InputAbsMax,
-                     "SmoothQuant: per-channel input scales moved into the weight"),
+                     "SmoothQuant: per-channel input scales moved into the weight", {"alpha": number(float, 0, 1)}),
     # ratio > 0 sizes the rank from a parameter share of each layer (for comparisons at equal parameters)
     "lowrank": Method("branch", _lowrank, _rebuild_lowrank, {"rank": 32, "ratio": 0.0},
-                      help="SVDQuant-style low-rank full-precision branch"),
+                      help="SVDQuant-style low-rank full-precision branch",
+                      bounds={"rank": number(int, 1), "ratio": number(float, 0, 1)}),
     "monarch": Method("branch", _monarch, _rebuild_monarch, {"ratio": 0.05},
-                      help="General Monarch Branch: block-diagonal Monarch projection of the weight"),
+                      help="General Monarch Branch: block-diagonal Monarch projection of the weight",
+                      bounds={"ratio": number(float, 0, 1, low_open=True)}),
 }
 
 
@@ -139,5 +144,7 @@ def method_options(names, overrides=None):
         if unknown:
             known = ", ".join(METHODS[name].options) or "none"
             raise ValueError(f"method {name} has no option {unknown[0]!r} (its options: {known})")
+        for option, value in given.items():  # a recipe read back from config.json passes no flag
+            METHODS[name].bounds[option].check(value, f"{name} option {option}")
         options[name] = {**METHODS[name].options, **given}
     return options

@@ -178,9 +178,27 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def check_config(config):
+    """`config` if it describes a DiT that runs, else ValueError: refused where a model is built (init,
+    every loader), not at its first forward's reshape or in a division by its zero layers."""
+    for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"DiT {name} must be a positive integer, got {value!r}")
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"DiT hidden_size {config.hidden_size} is not a multiple of num_heads {config.num_heads}")
+    if config.hidden_size % 4:
+        raise ValueError(f"DiT hidden_size {config.hidden_size} is not a multiple of 4, which its 2-D sin-cos "
+                         "position embedding needs")
+    if config.input_size % config.patch_size:
+        raise ValueError(f"DiT input_size {config.input_size} is not a multiple of patch_size {config.patch_size}")
+    return config
+
+
 class DiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
+        check_config(config)
         self.config = config
         self.in_channels = config.in_channels
         self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels

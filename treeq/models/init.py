@@ -14,7 +14,7 @@ from ..io import atomic_write
 from .checkpoint import save_model
 from .diffusers_convert import diffusers_config, to_diffusers_state_dict
 from .dit import DiT
-from .registry import config_for
+from .registry import FAMILY, config_for
 
 FORMATS = ("official", "diffusers", "treeq")
 
@@ -35,19 +35,28 @@ def random_dit(name, seed=0, diffusers_compatible=False, **overrides):
     return model
 
 
-def init_checkpoint(size, out, format="official", seed=0, vae_channels="128,256,512,512", **overrides):
-    """Write a random checkpoint of `size` (a model name, or 'vae') to `out`; returns the path written."""
+def format_for(out):
+    """The format an --out names: a .pt is official, a .safetensors TreeQ's, anything else a diffusers folder."""
+    suffix = Path(out).suffix
+    return "official" if suffix in (".pt", ".pth") else "treeq" if suffix == ".safetensors" else "diffusers"
+
+
+def init_checkpoint(size, out, format=None, seed=0, vae_channels="128,256,512,512", **overrides):
+    """Write a random checkpoint of `size` (a model name, or 'vae') to `out`; returns the path written.
+    format: default the one `out` names (format_for). Everything is checked before anything is written,
+    so a checkpoint that is written is one every loader reads."""
     out = Path(out)
     channels = _channels(vae_channels)
     if size == "vae":
         _save_vae(channels, out, seed)
         return out
+    format = format or format_for(out)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "official":
+        _check_official(size, out, overrides)
     model = random_dit(size, seed, diffusers_compatible=format == "diffusers", **overrides)
     if format == "official":
-        if out.suffix not in (".pt", ".pth"):
-            raise ValueError(f"an official checkpoint is a .pt file; got --out {out}")
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         atomic_write(out, lambda p: torch.save(state, p))
     elif format == "treeq":
@@ -56,6 +65,18 @@ def init_checkpoint(size, out, format="official", seed=0, vae_channels="128,256,
     else:
         _save_pipeline(model, out, channels, seed)
     return out
+
+
+def _check_official(size, out, overrides):
+    """An official .pt stores no config: loaders read its size off the tensor shapes, and the head count
+    from the published (depth, width) pairs, so only those sizes make an official checkpoint."""
+    if out.suffix not in (".pt", ".pth"):
+        raise ValueError(f"an official checkpoint is a .pt file; got --out {out}")
+    config = config_for(size, **{k: v for k, v in overrides.items() if v is not None})
+    if (config.depth, config.hidden_size, config.num_heads) not in FAMILY.values():
+        raise ValueError(f"depth {config.depth}, width {config.hidden_size}, {config.num_heads} heads is no published "
+                         "DiT size, which an official .pt must be; write --out NAME.safetensors (TreeQ format) "
+                         "or a folder (diffusers) instead")
 
 
 def _channels(text):

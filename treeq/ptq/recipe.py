@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bits import check_bits, load_config, preset_config
+from ..flags import number
 from ..methods.registry import METHODS, method_options, parse_methods
 from ..quant.activations import CLIPS
 from ..quant.linear import ACTIVATION_QUANTIZERS
 from ..quant.quantizers import CLIP_METHODS
 
 
-def _flag(help, flag=None, **argparse):
-    return {"help": help, "flag": flag, "argparse": argparse}
+def _flag(help, flag=None, valid=None, **argparse):
+    """Field metadata for its generated flag; `valid`: the flags.Number of a numeric field (required)."""
+    return {"help": help, "flag": flag, "valid": valid, "argparse": argparse}
 
 
 @dataclass
@@ -39,17 +41,21 @@ class Recipe:
     # how static scales clip: max keeps every calibration input representable, percentile lets the
     # rarest saturate, mse minimises the squared error at each a_bits
     activation_clip: str = field(default="max", metadata=_flag("static scales' clipping", "--clip", choices=CLIPS))
-    percentile: float = field(default=99.99, metadata=_flag("clip percentile of |input| (--clip percentile)"))
+    percentile: float = field(default=99.99, metadata=_flag("clip percentile of |input| (--clip percentile)",
+                                                           valid=number(float, 0, 100, low_open=True)))
     weight_symmetric: bool = True  # symmetric weight codes; asymmetric ones use all 2^b levels
-    group_size: int | None = field(default=None, metadata=_flag("weight scales per group of inputs (default per channel)"))
+    group_size: int | None = field(default=None, metadata=_flag("weight scales per group of inputs (default per channel)",
+                                                                valid=number(int, 1)))
     weight_clip: str = field(default="minmax", metadata=_flag("weight clipping", choices=CLIP_METHODS))
     # extra (w_bits, a_bits) pairs whose per-bit state (static scales, GPTQ codes) is prepared, so that
     # set_bits_ may switch to them; a mixed-precision search puts its candidates here
     switch_bits: tuple = ()
     # the calibration set: FP sampling trajectories of this many images, recorded at this many evenly
     # spaced steps (both halves of a guided batch: 2 rows per image and step)
-    calibration_images: int = field(default=32, metadata=_flag("images whose sampling trajectories calibrate"))
-    calibration_timesteps: int = field(default=10, metadata=_flag("sampling steps recorded per trajectory"))
+    calibration_images: int = field(default=32, metadata=_flag("images whose sampling trajectories calibrate",
+                                                               valid=number(int, 1)))
+    calibration_timesteps: int = field(default=10, metadata=_flag("sampling steps recorded per trajectory",
+                                                                  valid=number(int, 1)))
     calibration_seed: int = 1234
     # text-to-image families: the prompts of the calibration images, cycled (empty: a built-in list)
     prompts: tuple = ()
@@ -66,6 +72,9 @@ class Recipe:
                               ("weight_clip", CLIP_METHODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # the flags' ranges hold for a recipe read from config.json too
+            if f.metadata.get("valid") is not None and getattr(self, f.name) is not None:
+                f.metadata["valid"].check(getattr(self, f.name), f.name)
         self.method_options = method_options(self.methods, self.method_options)
 
     def with_branch(self, branch, **options):
@@ -122,19 +131,22 @@ def add_recipe_arguments(parser):
         if "help" not in f.metadata:
             continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        kind = int if f.type in (int, int | None) else float if f.type is float else str
+        numeric = f.type in (int, int | None, float)
+        if numeric and f.metadata["valid"] is None:
+            raise ValueError(f"recipe field {f.name} has a flag but no valid range")
+        kind = f.metadata["valid"] if numeric else str
         default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
         parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f.metadata["help"],
                             **f.metadata["argparse"])
     branches = [name for name, method in METHODS.items() if method.kind == "branch"]
     parser.add_argument("--branch", choices=(*branches, "none"), default="none",
                         help="add a full-precision branch after the transform (same as naming it in --method)")
-    parser.add_argument("--branch-ratio", type=float, default=None,
+    parser.add_argument("--branch-ratio", type=number(float, 0, 1, low_open=True), default=None,
                         help="the branch's parameters as a share of each layer's (sets --<branch>-ratio)")
     for name, method in METHODS.items():
         for option, value in method.options.items():
             parser.add_argument(f"--{name}-{option.replace('_', '-')}", dest=f"option_{name}_{option}",
-                                type=type(value), default=None, help=f"{name}: {option} (default {value})")
+                                type=method.bounds[option], default=None, help=f"{name}: {option} (default {value})")
 
 
 def recipe_from_args(args, **fields):

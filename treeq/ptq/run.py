@@ -63,12 +63,25 @@ def load_run(folder):
         raise CheckpointError(f"{folder / CONFIG_FILE}: not a TreeQ run: {error}") from None
     bits = load_config(folder / BITS_FILE)
     model = quantized_structure(load(recipe.model), bits, recipe)
+    state = _read_state(folder / STATE_FILE)
     try:
-        model.load_state_dict(load_file(str(folder / STATE_FILE)))
+        model.load_state_dict(state)
     except (RuntimeError, OSError) as error:
         raise CheckpointError(f"{folder / STATE_FILE} does not fit the recipe's model: "
                               f"{str(error).splitlines()[0]}") from None
     return recipe, set_bits_(model, bits).eval()
+
+
+def _read_state(path):
+    """The run's state dict; a missing, empty or truncated file is a CheckpointError (one line), not a
+    SafetensorError traceback (safetensors raises its own error types)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path} (the run folder is incomplete: quantize again)")
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]}): "
+                              "the run folder is damaged; quantize again") from None
 
 
 def load_quantized(folder):

@@ -53,6 +53,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         candidates = DEFAULT_CANDIDATES[bits]
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
+    _check_settings(out, method, resume, queue_size, evaluations, env_bits)
     recipe = recipe or SEARCH_RECIPE
     model = load(recipe.model)
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
@@ -119,6 +120,25 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             plot_front(result.front, f"{stem}-front.png", chosen={"average_bits": result.average_bits,
                                                                   "metric": result.metric})
     return result
+
+
+def _check_settings(out, method, resume, queue_size, evaluations, env_bits):
+    """Everything a search can refuse, refused before the model loads and calibrates (minutes to hours
+    of work): a search that would fail at its end leaves no state or log behind."""
+    from ..bits import check_bits
+
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the bit configuration's file, e.g. {out / 'bits.json'}")
+    check_bits(env_bits)
+    for name, value in (("queue_size", queue_size), ("evaluations", evaluations)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if resume and method != "tss":
+        raise ValueError(f"--resume continues a tree search (--method tss); {method} keeps no state")
+    state = Path(f"{out.with_suffix('')}.state.json")
+    if resume and not state.exists():
+        raise FileNotFoundError(f"nothing to resume: no {state}; run without --resume to start afresh")
 
 
 def _default_env_bits(target_bits):

@@ -1,7 +1,8 @@
 """Crash-safe bookkeeping of a tree search: the state file (finished nodes) and the log of scored candidates.
 
-The state is rewritten atomically after every finished node, so an interrupted search resumes from
-its last finished node and, with a deterministic scorer, ends in the identical result. Log lines of
+The state is rewritten atomically after every finished node and after every scored chunk of the node
+in progress (its metrics so far), so an interrupted search resumes at the first candidate it had not
+scored and, with a deterministic scorer, ends in the identical result. Log lines of
 a node are appended only once the node is finished, and a resume drops lines of unfinished nodes,
 so the log of a resumed run equals the log of an uninterrupted one.
 """
@@ -25,7 +26,10 @@ class SearchState:
         self.log_path = None if log_path is None else Path(log_path)
         self.writer = writer
         self.nodes, self.evaluations, self.seconds = {}, 0, 0.0
-        if resume and self.path is not None and self.path.exists():
+        self.partial = None  # {"node": "level/index", "metrics": [...]}: the node in progress, scored so far
+        if resume and self.path is not None:
+            if not self.path.exists():
+                raise FileNotFoundError(f"nothing to resume: no {self.path}; run without --resume to start afresh")
             self._load()
         if self.writer and self.log_path is not None:
             self._trim_log()
@@ -33,21 +37,36 @@ class SearchState:
     def node(self, level, index):
         return self.nodes.get(f"{level}/{index}")
 
+    def scored_so_far(self, level, index):
+        """Metrics of the first candidates of node (level, index) that an interrupted run had scored."""
+        if self.partial is not None and self.partial["node"] == f"{level}/{index}":
+            return list(self.partial["metrics"])
+        return []
+
+    def save_progress(self, level, index, metrics):
+        """Keep the metrics scored so far in the node in progress (after each chunk of candidates)."""
+        self.partial = {"node": f"{level}/{index}", "metrics": list(metrics)}
+        self._write()
+
     def finish(self, level, index, record, log_lines, evaluations, seconds):
         """Store a finished node: log lines first, then the state (a crash between them repeats the node's lines
         in the log only until the resume trims them)."""
         self.nodes[f"{level}/{index}"] = record
-        self.evaluations, self.seconds = evaluations, seconds
+        self.evaluations, self.seconds, self.partial = evaluations, seconds, None
         if not self.writer:
             return
         if self.log_path is not None and log_lines:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("a") as log:
                 log.writelines(json.dumps(line) + "\n" for line in log_lines)
-        if self.path is not None:
-            text = json.dumps({"format": STATE_FORMAT, "settings": self.settings, "nodes": self.nodes,
-                               "evaluations": self.evaluations, "seconds": self.seconds})
-            atomic_write(self.path, lambda p: p.write_text(text))
+        self._write()
+
+    def _write(self):
+        if not self.writer or self.path is None:
+            return
+        text = json.dumps({"format": STATE_FORMAT, "settings": self.settings, "nodes": self.nodes,
+                           "evaluations": self.evaluations, "seconds": self.seconds, "partial": self.partial})
+        atomic_write(self.path, lambda p: p.write_text(text))
 
     def _load(self):
         try:
@@ -63,6 +82,7 @@ class SearchState:
             raise ValueError(f"cannot resume {self.path}: it was written with other settings ({', '.join(changed)}); "
                              "run without --resume to start over")
         self.nodes, self.evaluations, self.seconds = saved["nodes"], saved["evaluations"], saved["seconds"]
+        self.partial = saved.get("partial")
 
     def _trim_log(self):
         """Start the log afresh, or keep only the lines of nodes the loaded state holds."""

@@ -69,8 +69,8 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     cheapest cost of every other leaf above the budget) before they are scored, scored in calls
     of up to `chunk_size`, then Pareto-dropped to `queue_size` (pareto.pareto_drop). The root
     returns its lowest-metric candidate (ties: lower cost) before any drop.
-    state_path / log_path: state rewritten after every node, JSON lines of every scored candidate;
-    resume=True continues from the state file. writer: whether this process writes files
+    state_path / log_path: state rewritten after every node and every chunk, JSON lines of every scored
+    candidate; resume=True continues from the state file at the first candidate not yet scored. writer: whether this process writes files
     (default: rank 0 when torch.distributed is initialised, else True).
     seeds: whole assignments within the budget (e.g. the integer program's) whose part in each node
     stays in its queue beyond `queue_size`: the root scores them and their mixes with the tree's
@@ -116,11 +116,14 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                             for pair, leaf_cost in zip(space.candidates[start], leaf_costs[start])]
                 rest = cheapest[-1] - (cheapest[end] - cheapest[start])
                 feasible = [c for c in pool if cost.within(c.cost + rest, budget)]
-                metrics = []
-                for first in range(0, len(feasible), chunk_size):
+                metrics = state.scored_so_far(level_index, index)[:len(feasible)]  # kept by an interrupted run
+                bar.update(len(metrics))
+                for first in range(len(metrics), len(feasible), chunk_size):
                     chunk = feasible[first:first + chunk_size]
                     metrics += _score(scorer, start, end, [c.bits for c in chunk])
                     bar.update(len(chunk))
+                    if first + chunk_size < len(feasible):
+                        state.save_progress(level_index, index, metrics)
                 evaluations += len(feasible)
                 scored = [c._replace(metric=m) for c, m in zip(feasible, metrics)]
                 kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], queue_size)
