@@ -148,6 +148,15 @@ def cmd_eval(args):
         fp_model = load(recipe.model if recipe is not None else args.model)
     else:
         model = load(args.model)
+    from .diffusion.pipelines import is_pipeline_model
+    if is_pipeline_model(model):
+        if not args.quant:
+            raise ValueError(f"`treeq eval` of a {type(model).__name__} measures a quantized run against its FP "
+                             "transformer: give --quant RUN")
+        from .eval.fidelity import family_fidelity
+        _print(family_fidelity(model, fp_model, args.num_samples, args.seed, _prompts(args), steps=args.steps,
+                               cfg_scale=args.cfg_scale), args.json)
+        return 0
     if model.config.in_channels not in (1, 3) or model.config.input_size != 32:
         raise ValueError("`treeq eval --model` measures testbed-sized digits; for this model run `treeq sample "
                          "--out S`, then `treeq eval --samples S --inception-weights W --reference REF.npz`")
@@ -201,7 +210,9 @@ def cmd_info(args):
     layers = {name: model.get_submodule(name) for name in quantizable_layers(model)}
     params = sum(p.numel() for p in model.parameters())
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    info = {"config": model.config.to_dict(), "sampling": sampling_defaults(model),
+    from .models.adapters import adapter_for
+    info = {"family": adapter_for(model).family, "config": adapter_for(model).describe(model),
+            "sampling": sampling_defaults(model),
             "source": getattr(model, "source", None), "parameters": params, "state_mb": state_bytes / 2 ** 20,
             "quantizable_layers": len(layers), "macs_per_image": sum(macs.values()),
             "overhead_macs_per_image": sum(overhead.values()),
@@ -216,7 +227,7 @@ def cmd_info(args):
           f"{info['macs_per_image'] / 1e6:.1f} M GEMM MACs per image + {info['overhead_macs_per_image'] / 1e6:.2f} M "
           "in transforms and branches")
     shown = {k: v for k, v in info["sampling"].items() if k != "scheduler"}
-    scheduler = info["sampling"]["scheduler"]
+    scheduler = info["sampling"].get("scheduler")
     print(f"sampling defaults: {shown}" + (f" with {scheduler['_class_name']}" if scheduler else ""))
     for row in info["layers"]:
         print(f"  {row['name']:<28} {str(tuple(row['shape'])):<14} W{row['w_bits']}A{row['a_bits']:<3} "
@@ -252,16 +263,22 @@ def cmd_quantize(args):
 
 def cmd_finetune(args):
     from .data import mnist
+    from .diffusion.pipelines import is_pipeline_model
     from .finetune.distill import FinetuneConfig, finetune_, summary
     from .models.load import load
+    from .ptq.calibration import load_or_collect
     from .ptq.run import load_run, save_run
 
     recipe, student = load_run(args.quant)
     if recipe is None:
         raise ValueError(f"{args.quant} is a packed export; fine-tune the run folder it was exported from")
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
-    images, labels = mnist("train")
-    losses = finetune_(student, load(recipe.model), images, labels, config, args.out, resume=args.resume)
+    teacher = load(recipe.model)
+    if is_pipeline_model(teacher):  # a text-to-image family learns on the inputs its pipeline recorded
+        images, labels = load_or_collect(teacher, **recipe.calibration_options()), None
+    else:
+        images, labels = mnist("train")
+    losses = finetune_(student, teacher, images, labels, config, args.out, resume=args.resume)
     save_run(args.out, recipe, student, finetune=summary(losses, config), finetuned_from=str(args.quant))
     print(f"fine-tuned {config.steps} steps: distillation loss {summary(losses, config)['first_loss']:.4g} -> "
           f"{summary(losses, config)['final_loss']:.4g}; run in {args.out}/")

@@ -74,26 +74,36 @@ def _call_kwargs(pipeline, settings, prompts, generators):
 @torch.no_grad()
 def collect_pipeline_calibration(transformer, num_images=8, num_timesteps=4, seed=1234, prompts=None, **sampling):
     """CallInputs of the transformer at `num_timesteps` evenly spaced steps of `num_images` samples
-    (prompts cycled from `prompts`, default DEFAULT_PROMPTS)."""
+    (prompts cycled from `prompts`, default DEFAULT_PROMPTS), through the pipeline of its folder."""
     settings = pipeline_settings(transformer, **sampling)
-    if not 1 <= num_timesteps <= settings["steps"]:
-        raise ValueError(f"num_timesteps must be in 1..{settings['steps']} (the sampler's steps), got {num_timesteps}")
-    keep = set(torch.linspace(0, settings["steps"] - 1, num_timesteps).round().long().tolist())
+    pipeline = load_pipeline(transformer)
+    prompts = _cycled(prompts or DEFAULT_PROMPTS, num_images)
+    return record_calibration(pipeline, num_timesteps, steps=settings["steps"],
+                              **_call_kwargs(pipeline, settings, prompts, sample_generators(seed, range(num_images))))
+
+
+@torch.no_grad()
+def record_calibration(pipeline, num_timesteps=None, *, steps, **call):
+    """CallInputs of `pipeline.transformer` at `num_timesteps` evenly spaced of its `steps` denoising steps
+    (None: every step) while `pipeline(**call)` runs; both halves of a guided batch are kept."""
+    num_timesteps = steps if num_timesteps is None else num_timesteps
+    if not 1 <= num_timesteps <= steps:
+        raise ValueError(f"num_timesteps must be in 1..{steps} (the sampler's steps), got {num_timesteps}")
+    keep = set(torch.linspace(0, steps - 1, num_timesteps).round().long().tolist())
+    transformer = pipeline.transformer
     adapter, calls, step = adapter_for(transformer), [], [0]
     signature = inspect.signature(transformer.forward)
 
     def record(module, args, kwargs):
-        if step[0] % settings["steps"] in keep:
+        if step[0] % steps in keep:
             named = signature.bind(*args, **kwargs).arguments
             calls.append(CallInputs.from_call({k: v for k, v in named.items() if k != "return_dict"},
                                               adapter.shared_keys))
         step[0] += 1
 
-    pipeline = load_pipeline(transformer)
-    prompts = _cycled(prompts or DEFAULT_PROMPTS, num_images)
     handle = transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        pipeline(**_call_kwargs(pipeline, settings, prompts, sample_generators(seed, range(num_images))))
+        pipeline(**{**call, "num_inference_steps": steps})
     finally:
         handle.remove()
     return CallInputs.concat(calls)

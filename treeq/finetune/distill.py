@@ -1,9 +1,11 @@
-"""QLoRA-style fine-tuning (PEFT) of a quantized DiT: the low-bit base stays frozen, the branches learn.
+"""QLoRA-style fine-tuning (PEFT) of a quantized transformer: the low-bit base stays frozen, the branches learn.
 
 The student is a quantized run (its branches: Monarch, or low-rank for the baseline); the teacher
 is the full-precision model the recipe names. The loss is the MSE between their outputs at random
-(x_t, t, y): training images noised to a uniformly drawn step, labels dropped to the null class at
-the rate classifier-free guidance was trained with. Every draw comes from one seeded generator kept
+inputs. For our DiT those are (x_t, t, y): training images noised to a uniformly drawn step, labels
+dropped to the null class at the rate classifier-free guidance was trained with. A text-to-image
+family has no training set here: its inputs are random rows of the calibration set its own
+pipeline recorded (noisy latents, timesteps and prompt embeddings at every stage of sampling). Every draw comes from one seeded generator kept
 in the checkpoint, so a resumed run continues exactly where an uninterrupted one would have been.
 
 With `step_sizes` the weight quantizers' step sizes train too (LSQ-style, the codes held fixed: a
@@ -20,6 +22,7 @@ from ..bits import is_full_precision
 from ..diffusion.loss import GaussianDiffusion
 from ..flags import number
 from ..io import atomic_write
+from ..models.adapters import adapter_for
 from ..quant.statistics import quantized_layers
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
@@ -62,6 +65,9 @@ def step_size_parameters(model):
 def finetune_(student, teacher, images, labels, config, folder, *, resume=False, progress=True):
     """Train `student`'s branches in place to match `teacher`; returns the per-step losses.
 
+    images, labels: the DiT's training digits; for a text-to-image family `images` is its recorded
+    CallInputs and `labels` None (see the module docstring).
+
     Writes `folder/finetune_checkpoint.pt` every `checkpoint_every` steps (branch parameters,
     optimizer, generator, losses); `resume=True` continues from it.
     """
@@ -79,22 +85,18 @@ def finetune_(student, teacher, images, labels, config, folder, *, resume=False,
     checkpoint_path = Path(folder) / CHECKPOINT_FILE
     if resume:
         start, losses = _restore(checkpoint_path, trainable, optimizer, generator, config)
-    diffusion = GaussianDiffusion()
-    null_class = teacher.config.num_classes
+    adapter = adapter_for(student)
+    draw = _recorded_rows(images) if labels is None else _noised_digits(images, labels, teacher, config)
     # eval mode for both: the DiT's own label dropout would draw from the global generator; labels
     # are dropped here, from the run's generator
     student.eval(), teacher.eval()
     with tqdm(range(start, config.steps), desc="fine-tune branches", disable=not progress,
               initial=start, total=config.steps) as bar:
         for step in bar:
-            index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
-            t = torch.randint(0, diffusion.num_timesteps, (config.batch_size,), generator=generator)
-            noise = torch.randn(images[index].shape, generator=generator)
-            drop = torch.rand(config.batch_size, generator=generator) < config.label_dropout
-            x_t, y = diffusion.q_sample(images[index], t, noise), torch.where(drop, null_class, labels[index])
+            inputs = draw(generator, config.batch_size)
             with torch.no_grad():
-                target = teacher(x_t, t, y)
-            loss = torch.nn.functional.mse_loss(student(x_t, t, y), target)
+                target = adapter.forward(teacher, inputs)
+            loss = torch.nn.functional.mse_loss(adapter.forward(student, inputs), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -107,6 +109,26 @@ def finetune_(student, teacher, images, labels, config, folder, *, resume=False,
     for layer in quantized_layers(student).values():
         layer.fold_step_sizes_()
     return losses
+
+
+def _noised_digits(images, labels, teacher, config):
+    """draw(generator, n) -> (x_t, t, y): training digits at uniformly drawn noise levels."""
+    diffusion, null_class = GaussianDiffusion(), teacher.config.num_classes
+
+    def draw(generator, batch_size):
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn(images[index].shape, generator=generator)
+        drop = torch.rand(batch_size, generator=generator) < config.label_dropout
+        return diffusion.q_sample(images[index], t, noise), t, torch.where(drop, null_class, labels[index])
+    return draw
+
+
+def _recorded_rows(calibration):
+    """draw(generator, n) -> forward kwargs of n random rows of a family's recorded calibration inputs."""
+    def draw(generator, batch_size):
+        return calibration.kwargs(torch.randint(0, len(calibration), (batch_size,), generator=generator))
+    return draw
 
 
 def _save(path, trainable, optimizer, generator, losses, config):

@@ -30,13 +30,16 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
-               log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False):
+               log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
+               calibration=None):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
     refine_sweeps: coordinate-descent sweeps on the end-to-end metric after the search (search/refine.py).
     seed_ilp: tree search only: run the integer program first (its scores logged to <stem>.ilp.log.jsonl)
-    and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp"."""
+    and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp".
+    model, calibration: the full-precision model and its calibration inputs, when the caller holds them
+    (the Python API); by default the recipe's model is loaded and its calibration collected (and cached)."""
     from ..models.load import load
     from ..ptq.apply import quantize
     from ..ptq.calibration import load_or_collect, spread_rows
@@ -55,7 +58,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         candidates = parse_candidates(candidates)
     _check_settings(out, method, resume, queue_size, evaluations, env_bits)
     recipe = recipe or SEARCH_RECIPE
-    model = load(recipe.model)
+    model = load(recipe.model) if model is None else model
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
     costs = cost_model(model, cost)
     # Per-bit state (GPTQ codes, static scales) for every candidate and the environment, so the scorer
@@ -68,7 +71,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     writer = not distributed or torch.distributed.get_rank() == 0
     if distributed and not writer:
         torch.distributed.barrier()  # rank 0 collects (and caches) the calibration set first
-    calibration = load_or_collect(model, **recipe.calibration_options())
+    if calibration is None:
+        calibration = load_or_collect(model, **recipe.calibration_options())
     if distributed and writer:
         torch.distributed.barrier()
     rows = spread_rows(calibration, calibration_rows, model)  # a bad row count is refused before quantizing
