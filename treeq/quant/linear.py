@@ -6,6 +6,10 @@ activation scales), so the mixed-precision search switches bits without re-quant
 bit-width whose calibrated state was never computed raises instead of silently falling back.
 An input transform (Hadamard rotation, smoothing) and a full-precision branch (low-rank,
 Monarch) wrap the quantized path.
+
+Memory of a frozen layer (float32 weight of N entries): the weight (4N bytes), int8 codes and scales
+per prepared w_bits (N bytes each), a fingerprint of the weight (4 (3 out + in) bytes) and, only while
+`cache_dequantized` is on, the dequantized weight at the current bits (4N). `treeq.memory` counts it.
 """
 import torch
 import torch.nn as nn
@@ -23,6 +27,10 @@ from .quantizers import (
 
 ACTIVATION_QUANTIZERS = ("dynamic", "dynamic-asym", "static")
 ROUNDINGS = ("rtn", "gptq")
+# Whether frozen layers keep the dequantized weight of the current w_bits between forwards (one float
+# copy of the weight each) instead of dequantizing it on every forward. A layer's `cache_dequantized`
+# (None: follow this) overrides it; `cache_dequantized_(model, on)` sets every layer of a model.
+CACHE_DEQUANTIZED = False
 
 
 class QuantLinear(nn.Linear):
@@ -36,11 +44,11 @@ class QuantLinear(nn.Linear):
     - weight codes: round-to-nearest codes cached per w_bits; with `rounding="gptq"` the codes of
       `rounded_weights[w_bits]` instead, and no fallback for a w_bits GPTQ did not round.
     - `act_scales[a_bits]`: static per-tensor input scales (activations="static").
-    Codes belong to the weight they were computed from. Before serving them the layer compares the
-    weight with a snapshot taken then (one read of both; cheaper than the GEMM it feeds): any change,
-    through an optimizer (fused or not), `.data`, `copy_` or `load_state_dict`, drops the RTN cache and
-    the GPTQ codes. The price is one float copy of the weight per layer. Training the weight (the STE
-    path, gradients on) re-quantizes it every call and ignores GPTQ codes.
+    Codes belong to the weight they were computed from. Before serving them the layer compares a
+    fingerprint of the weight with the one taken then (`weight_fingerprint`: row and column sums of its
+    bit patterns and row extremes, one read of the weight, no copy): any change through an optimizer (fused or not),
+    `.data`, `copy_` or `load_state_dict` drops the RTN cache and the GPTQ codes. Training the weight (the
+    STE path, gradients on) re-quantizes it every call and ignores GPTQ codes.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, w_bits=32, a_bits=32, symmetric=True,
@@ -56,10 +64,11 @@ class QuantLinear(nn.Linear):
         self.activations, self.rounding = activations, rounding
         self.register_module("input_transform", input_transform)
         self.register_module("branch", branch)
-        self.register_buffer("_snapshot", None, persistent=False)
         self.register_parameter("step_gain", None)  # while step sizes train: a gain on each weight scale
         self.rounded_weights, self.act_scales, self._codes, self._stamp = {}, {}, {}, None
+        self._fingerprint = None  # weight_fingerprint of the weight the codes came from; None: no codes yet
         self._dequantized = None  # (codes it came from, float weight): the forward's weight at the current bits
+        self.cache_dequantized = None  # keep _dequantized between forwards; None: CACHE_DEQUANTIZED
         self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
 
     @classmethod
@@ -114,13 +123,22 @@ class QuantLinear(nn.Linear):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return fake_quantize_weight(self.weight, self.w_bits, **self.weight_options())
         quantized = self.quantized_weight()
-        if self._dequantized is None or self._dequantized[0] is not quantized:  # one float copy, current bits
-            with torch.no_grad(), torch.inference_mode(False):
-                self._dequantized = (quantized, dequantize_weight(quantized).to(self.weight.dtype))
+        if self.caches_dequantized():
+            if self._dequantized is None or self._dequantized[0] is not quantized:  # one float copy, current bits
+                with torch.no_grad(), torch.inference_mode(False):
+                    self._dequantized = (quantized, dequantize_weight(quantized).to(self.weight.dtype))
+            weight = self._dequantized[1]
+        else:  # on the fly: the same float weight, held only while this forward runs
+            self._dequantized = None
+            with torch.no_grad():
+                weight = dequantize_weight(quantized).to(self.weight.dtype)
         if self.step_gain is not None:  # step sizes in training: each scale times its gain
-            return self._dequantized[1] * self.step_gain.repeat_interleave(
-                self.in_features // self.step_gain.shape[1], dim=1)
-        return self._dequantized[1]
+            return weight * self.step_gain.repeat_interleave(self.in_features // self.step_gain.shape[1], dim=1)
+        return weight
+
+    def caches_dequantized(self):
+        """Whether the dequantized weight is kept between forwards (the layer's setting, else the module's)."""
+        return CACHE_DEQUANTIZED if self.cache_dequantized is None else self.cache_dequantized
 
     def quantized_weight(self):
         """Integer codes and scales of the weight at the current w_bits (what the forward and an export use)."""
@@ -186,17 +204,21 @@ class QuantLinear(nn.Linear):
         with torch.no_grad():
             self.weight.copy_(new_weight)
 
+    def _stamp_now(self):
+        weight = self.weight
+        return self.symmetric, self.group_size, self.clip, tuple(weight.shape), weight.dtype, weight.device
+
+    def _codes_fresh(self):
+        """Whether the codes held were computed from the weight as it is now, with the current options."""
+        return (self._fingerprint is not None and self._stamp == self._stamp_now()
+                and _same_fingerprint(self._fingerprint, weight_fingerprint(self.weight)))
+
     def _drop_stale_codes(self):
         """Forget every code computed from another weight or other weight options."""
-        weight = self.weight.detach()
-        stamp = (self.symmetric, self.group_size, self.clip)
-        snapshot = self._snapshot
-        if (snapshot is not None and snapshot.shape == weight.shape and snapshot.dtype == weight.dtype
-                and self._stamp == stamp and torch.equal(snapshot, weight)):
+        if self._codes_fresh():
             return
-        self._codes, self.rounded_weights, self._stamp = {}, {}, stamp
-        with torch.no_grad(), torch.inference_mode(False):
-            self._snapshot = weight.clone()
+        self._codes, self.rounded_weights, self._dequantized = {}, {}, None
+        self._stamp, self._fingerprint = self._stamp_now(), weight_fingerprint(self.weight)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """Parameters and buffers, plus the per-bit state: `act_scales.<a_bits>`, `rounded_weights.<w_bits>.*`."""
@@ -228,16 +250,71 @@ class QuantLinear(nn.Linear):
                                                         tensors["zero_point"].clone(), int(bits), self.group_size))
 
     def _apply(self, fn, recurse=True):
-        """Move the per-bit state with the module (.to, .cuda, .half); RTN codes are recomputed."""
+        """Move the per-bit state with the module (.to, .cuda, .half); RTN codes are recomputed.
+
+        GPTQ codes fresh before the move stay fresh: the fingerprint is taken again of the moved weight."""
+        fresh = not self.weight.is_meta and self._codes_fresh()
         super()._apply(fn, recurse)
         self.rounded_weights = {bits: _map_tensors(fn, quantized) for bits, quantized in self.rounded_weights.items()}
         self.act_scales = {bits: fn(scale) for bits, scale in self.act_scales.items()}
         self._codes, self._dequantized = {}, None
+        moved = fresh and not self.weight.is_meta
+        self._stamp = self._stamp_now() if moved else None
+        self._fingerprint = weight_fingerprint(self.weight) if moved else None
         return self
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
                 f"activations={self.activations}, rounding={self.rounding}")
+
+
+def cache_dequantized_(model, enabled=True):
+    """Keep (or stop keeping, and free) the dequantized weight of every QuantLinear in `model`; returns it.
+
+    On: a forward at unchanged bits reuses the float weight (one float copy per layer held). Off: each
+    forward dequantizes the codes again; the outputs are the same bits either way."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.cache_dequantized = bool(enabled)
+            if not enabled:
+                module._dequantized = None
+    return model
+
+
+# Integer dtypes the bit patterns of a weight are summed as, by element size.
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def weight_fingerprint(weight):
+    """What the layer remembers of the weight its codes came from, instead of a copy of it: (row sums,
+    column sums) of the weight's bit patterns as integers, wrapping modulo 2^32 (2^64 for 8-byte
+    dtypes), and (row maxima, row minima) of its values. Sums and extremes do not depend on the order of
+    reduction, so an unchanged weight always matches (no false "changed", whatever the threads).
+
+    Seen: any change of one entry, any change of a row's or column's sum, a row or column permutation
+    (unless the permuted rows or columns have equal sums), a scaling or sign flip of the weight (the
+    extremes move even where wrapped sums do not, e.g. x2 adds 2^23 to the bit pattern of every entry).
+    Missed: changes keeping every row's and column's bit-pattern sum modulo 2^32 and every row's extremes
+    (compensating bit changes within rows and columns). Costs 4 (3 out + in) bytes for a float32 weight
+    and about the time of reading the weight once.
+    """
+    weight = weight.detach()
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    with torch.inference_mode(False):
+        words = weight.view(_WORDS[weight.element_size()])
+        total = torch.int64 if weight.element_size() == 8 else torch.int32
+        return words.sum(1, dtype=total), words.sum(0, dtype=total), weight.amax(1), weight.amin(1)
+
+
+def _same_fingerprint(first, second):
+    """Equal sums and equal extremes (by value: -0.0 equals 0.0, and NaN matches NaN)."""
+    if len(first) != len(second) or any(a.shape != b.shape for a, b in zip(first, second)):
+        return False
+    (rows, columns, *extremes), (other_rows, other_columns, *other_extremes) = first, second
+    return (torch.equal(rows, other_rows) and torch.equal(columns, other_columns)
+            and all(bool(((a == b) | (a.isnan() & b.isnan())).all()) for a, b in zip(extremes, other_extremes)))
 
 
 def _listed(per_bits):
