@@ -78,7 +78,7 @@ def test_layers_and_rows(folders, name):
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_calibration_rows(calibrations, name):
-    model, calibration = calibrations[name]
+    _, calibration = calibrations[name]
     # 2 prompts x 2 steps x 2 (guidance): Sana runs both halves as one batch, Wan as two calls a step
     assert len(calibration) == 8
     assert calibration.batched["hidden_states"].shape[0] == 8
@@ -168,7 +168,8 @@ def test_full_transformer_has_published_shape(name, published, monkeypatch):
     """`build_pipeline(F, "full")` builds the real-shape transformer, here on the meta device (no memory);
     the pipeline class is stubbed (it would run the VAE and tokenizer on meta tensors)."""
     import diffusers
-    import treeq.models.families as families
+
+    from treeq.models import families
 
     built = {}
 
@@ -201,6 +202,7 @@ def test_full_token_counts(name, image_tokens, text_tokens, tmp_path):
     """At the published settings: Sana 1024px through a 32x DC-AE (patch 1); Wan 81 frames of 480x832 ->
     21 latent frames of 60x104, patches (1, 2, 2). The folder's count and the adapter's default agree."""
     import diffusers
+
     from treeq.models.family_load import _token_counts
 
     family = FAMILIES[name]

@@ -16,8 +16,15 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write
-from .text_encoders import (byte_tokenizer, clip_encoder, clip_tokenizer, gemma2_encoder, gemma_tokenizer, t5_encoder,
-                            umt5_encoder)
+from .text_encoders import (
+    byte_tokenizer,
+    clip_encoder,
+    clip_tokenizer,
+    gemma2_encoder,
+    gemma_tokenizer,
+    t5_encoder,
+    umt5_encoder,
+)
 
 SETTINGS_FILE = "treeq.json"
 
