@@ -117,8 +117,9 @@ def _sample_family(model, args):
                                    seed=args.seed, batch_size=args.batch_size, prompts=_prompts(args),
                                    record={"model": args.model, "quant": args.quant}, steps=args.steps,
                                    cfg_scale=args.cfg_scale)
-    print(f"{args.num_samples} samples in {done['seconds']:.1f} s -> {args.out}/samples.npz, {args.out}/grid.png, "
-          f"{args.out}/sampling.json; {describe_peak_memory()}")
+    videos = f"{args.out}/videos.npz (every frame; samples.npz: middle frames), " if done.get("videos") else ""
+    print(f"{args.num_samples} samples in {done['seconds']:.1f} s -> {videos}{args.out}/samples.npz, "
+          f"{args.out}/grid.png, {args.out}/sampling.json; {describe_peak_memory()}")
     return 0
 
 

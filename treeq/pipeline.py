@@ -149,14 +149,20 @@ def sample_to_folder(model, out, *, num_samples, settings, seed=0, batch_size=16
 def sample_family_to_folder(model, out, *, num_samples, seed=0, batch_size=8, prompts=None, record=None,
                             **sampling):
     """A text-to-image family's samples through its own pipeline: samples.npz (ADM's arr_0), grid.png,
-    prompts.txt and sampling.json (settings and prompts), each written atomically."""
+    prompts.txt and sampling.json (settings and prompts), each written atomically.
+
+    A video family (Wan) also writes videos.npz (arr_0: every frame, uint8 (N, F, H, W, 3)); samples.npz and
+    grid.png then hold each video's middle frame, so image tools (FID, the grid) read one image per sample."""
     from .diffusion.pipelines import pipeline_settings, sample_pipeline
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
     started = time.perf_counter()
     pixels, used = sample_pipeline(model, num_samples, seed, prompts, batch_size, **sampling)
-    out = Path(out)
+    out, videos = Path(out), pixels.ndim == 5
+    if videos:  # (N, F, H, W, 3)
+        atomic_write(out / "videos.npz", lambda p: _save_npz(p, arr_0=pixels))
+        pixels = np.ascontiguousarray(pixels[:, pixels.shape[1] // 2])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # back to [-1, 1] for the writers
     save_adm_npz(images, out / SAMPLES)
     save_grid_png(pixels[:100], out / "grid.png", nrow=min(10, num_samples))
@@ -164,7 +170,12 @@ def sample_family_to_folder(model, out, *, num_samples, seed=0, batch_size=8, pr
     settings = {**(record or {}), "num_samples": num_samples, "seed": seed, "batch_size": batch_size,
                 "sampling": pipeline_settings(model, **sampling), "prompts": used}
     atomic_write(out / "sampling.json", lambda p: p.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n"))
-    return {"written": num_samples, "seconds": time.perf_counter() - started}
+    return {"written": num_samples, "seconds": time.perf_counter() - started, "videos": videos}
+
+
+def _save_npz(path, **arrays):
+    with open(path, "wb") as file:  # a file object, or numpy would append `.npz` to the temporary name
+        np.savez(file, **arrays)
 
 
 def _save_part(path, pixels, labels):

@@ -1,10 +1,18 @@
-"""Text-to-image families through their own diffusers pipeline: loading, calibration and sampling.
+"""Text-to-image (and text-to-video) families through their own diffusers pipeline: loading, calibration
+and sampling.
 
 The quantized model is the diffusers transformer itself with QuantLinear swapped in, so the family's
 pipeline runs it unchanged: calibration records the transformer's keyword inputs at evenly spaced
-denoising steps (both halves of a guided batch), and sampling is the pipeline's own call.
+denoising steps (both halves of a guided batch, whether the pipeline runs them as one batch or, as Wan,
+as two calls), and sampling is the pipeline's own call.
+
+Pipeline settings TreeQ fixes: PixArt and Sana without resolution binning (sample at the height and width
+asked) or caption cleaning (it needs bs4/ftfy); Sana without its "complex human instruction" (a long
+instruction prepended to every prompt for Gemma: prompts are used as given, so the text tokens a linear
+sees are max_sequence_length). Wan samples `num_frames` frames (videos, (N, F, H, W, 3)).
 """
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +51,14 @@ def load_pipeline(transformer):
         raise ValueError(f"{type(transformer).__name__} needs the pipeline folder it came from (model_index.json "
                          "beside transformer/, vae/, text encoders) to calibrate or sample")
     diffusers.utils.logging.disable_progress_bar()
-    pipeline = diffusers.DiffusionPipeline.from_pretrained(folder, transformer=transformer)
+    # the folder's own pipeline class, not DiffusionPipeline: where the transformer is an optional component
+    # (Wan: transformer, transformer_2) DiffusionPipeline.from_pretrained loads it from disk over the one given
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    pipeline_class = getattr(diffusers, name, None) if name else None
+    pipeline = (pipeline_class or diffusers.DiffusionPipeline).from_pretrained(folder, transformer=transformer)
+    if pipeline.transformer is not transformer:
+        raise RuntimeError(f"{type(pipeline).__name__} loaded its own transformer from {folder} instead of the "
+                           "one given")
     pipeline.set_progress_bar_config(disable=True)
     try:  # the tokenizers' truncation notices would repeat for every batch
         import transformers
@@ -66,9 +81,19 @@ def _call_kwargs(pipeline, settings, prompts, generators):
               "generator": generators, "output_type": "np"}
     if "max_sequence_length" in settings:
         kwargs["max_sequence_length"] = settings["max_sequence_length"]
-    if type(pipeline).__name__.startswith("PixArt"):
+    name = type(pipeline).__name__
+    if name.startswith(("PixArt", "Sana")):
         kwargs.update(use_resolution_binning=False, clean_caption=False)
+    if name.startswith("Sana"):
+        kwargs["complex_human_instruction"] = None
+    if "num_frames" in settings and "num_frames" in inspect.signature(pipeline.__call__).parameters:
+        kwargs["num_frames"] = settings["num_frames"]
     return kwargs
+
+
+def is_video_pipeline(pipeline):
+    """A text-to-video pipeline (it takes num_frames and returns frames, not images)."""
+    return "num_frames" in inspect.signature(pipeline.__call__).parameters
 
 
 @torch.no_grad()
@@ -91,15 +116,20 @@ def record_calibration(pipeline, num_timesteps=None, *, steps, **call):
         raise ValueError(f"num_timesteps must be in 1..{steps} (the sampler's steps), got {num_timesteps}")
     keep = set(torch.linspace(0, steps - 1, num_timesteps).round().long().tolist())
     transformer = pipeline.transformer
-    adapter, calls, step = adapter_for(transformer), [], [0]
+    adapter, calls, step, last = adapter_for(transformer), [], [-1], [None]
     signature = inspect.signature(transformer.forward)
 
     def record(module, args, kwargs):
+        named = signature.bind(*args, **kwargs).arguments
+        # a new denoising step begins when the timestep changes: Wan calls the transformer twice a step
+        # (conditional, then unconditional), the others once on the doubled batch
+        now = _timestep_key(named.get("timestep"))
+        if now is None or now != last[0]:
+            step[0] += 1
+        last[0] = now
         if step[0] % steps in keep:
-            named = signature.bind(*args, **kwargs).arguments
             calls.append(CallInputs.from_call({k: v for k, v in named.items() if k != "return_dict"},
                                               adapter.shared_keys))
-        step[0] += 1
 
     handle = transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -109,9 +139,16 @@ def record_calibration(pipeline, num_timesteps=None, *, steps, **call):
     return CallInputs.concat(calls)
 
 
+def _timestep_key(timestep):
+    if torch.is_tensor(timestep):
+        return float(timestep.flatten()[0]) if timestep.numel() else None
+    return None if timestep is None else float(timestep)
+
+
 @torch.no_grad()
 def sample_pipeline(transformer, num_samples, seed=0, prompts=None, batch_size=8, **sampling):
-    """(uint8 images (N, H, W, 3), prompts): sample i from its own generator seeded by (seed, i)."""
+    """(uint8 pixels, prompts): sample i from its own generator seeded by (seed, i). Pixels are images
+    (N, H, W, 3), or for a video family (Wan) videos (N, F, H, W, 3)."""
     settings = pipeline_settings(transformer, **sampling)
     pipeline = load_pipeline(transformer)
     prompts = _cycled(prompts or DEFAULT_PROMPTS, num_samples)
@@ -120,7 +157,8 @@ def sample_pipeline(transformer, num_samples, seed=0, prompts=None, batch_size=8
         indices = range(start, min(num_samples, start + batch_size))
         batch = [prompts[i] for i in indices]
         out = pipeline(**_call_kwargs(pipeline, settings, batch, sample_generators(seed, indices)))
-        images.append(np.clip(out.images * 255 + 0.5, 0, 255).astype(np.uint8))
+        pixels = out.frames if is_video_pipeline(pipeline) else out.images
+        images.append(np.clip(np.asarray(pixels) * 255 + 0.5, 0, 255).astype(np.uint8))
     return np.concatenate(images), prompts
 
 

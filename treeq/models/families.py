@@ -3,7 +3,11 @@
 `treeq init --family F --size tiny|full` writes one: transformer, scheduler, VAE, text encoders and
 tokenizers, all built in code from configs (nothing downloaded), plus `treeq.json` with the sampling
 settings TreeQ uses for it. "full" gives the transformer its published shapes (text encoders and VAE
-stay small: they are never quantized and only feed the transformer).
+stay small: they are never quantized and only feed the transformer; Sana's and Wan's full VAEs keep the
+published compression, 32x and 4x8x8, so the token counts at the published resolution are the real ones).
+
+Sana (`SanaPipeline`) encodes prompts with Gemma2 (a byte tokenizer laid out as Gemma's: <bos> first) and
+decodes with a DC-AE (`AutoencoderDC`); Wan (`WanPipeline`, text-to-video) with UMT5 and `AutoencoderKLWan`.
 """
 import json
 from dataclasses import dataclass, field
@@ -12,7 +16,15 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write
-from .text_encoders import byte_tokenizer, clip_encoder, clip_tokenizer, t5_encoder
+from .text_encoders import (
+    byte_tokenizer,
+    clip_encoder,
+    clip_tokenizer,
+    gemma2_encoder,
+    gemma_tokenizer,
+    t5_encoder,
+    umt5_encoder,
+)
 
 SETTINGS_FILE = "treeq.json"
 
@@ -23,15 +35,28 @@ class Family:
     transformer: str               # diffusers transformer class
     tiny: dict                     # transformer config at test size
     full: dict                     # the published model's transformer config
-    vae: dict                      # AutoencoderKL config
+    vae: dict                      # the VAE's config (`vae_class`)
     scheduler: str
     sampling: dict = field(default_factory=dict)  # height, width, steps, cfg_scale, max_sequence_length
-    full_sampling: dict = field(default_factory=dict)
+    full_sampling: dict = field(default_factory=dict)  # (and num_frames for video)
+    vae_class: str = "AutoencoderKL"
+    full_vae: dict = None          # the VAE of "full" when it differs from the tiny one
+    scheduler_config: dict = field(default_factory=dict)
 
 
 # Tiny transformers are 64 wide: the smallest Monarch branch of a 32 x 32 weight is over 5% of it.
 _TINY_VAE = dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, sample_size=32)
+
+# A DC-AE of three ResBlock stages (4x: Sana wants sides divisible by 32, so 32px gives 8x8 latents); the
+# full Sana's has six (32x, as the published f32c32).
+_TINY_DC_AE = dict(in_channels=3, attention_head_dim=8, encoder_block_types=("ResBlock",) * 3,
+                   decoder_block_types=("ResBlock",) * 3, encoder_block_out_channels=(8,) * 3,
+                   decoder_block_out_channels=(8,) * 3, encoder_layers_per_block=(1,) * 3,
+                   decoder_layers_per_block=(1,) * 3, encoder_qkv_multiscales=((),) * 3,
+                   decoder_qkv_multiscales=((),) * 3, downsample_block_type="conv",
+                   upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                   scaling_factor=0.41407)
 
 FAMILIES = {
     "pixart": Family(
@@ -75,6 +100,46 @@ FAMILIES = {
         # FLUX.1-schnell: guidance-distilled to 4 steps, no classifier-free guidance
         sampling=dict(height=16, width=16, steps=4, cfg_scale=0.0, max_sequence_length=32),
         full_sampling=dict(height=1024, width=1024, steps=4, cfg_scale=0.0, max_sequence_length=256)),
+    # Sana 1600M 1024px (Efficient-Large-Model/Sana_1600M_1024px_diffusers): 20 blocks 2240 wide, linear
+    # self-attention, cross-attention to Gemma2-2B's 2304-wide features, GLUMBConv feed-forward; DC-AE f32c32.
+    "sana": Family(
+        "SanaPipeline", "SanaTransformer2DModel",
+        tiny=dict(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=3,
+                  num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64,
+                  caption_channels=32, mlp_ratio=2.5, attention_bias=False, sample_size=8, patch_size=1,
+                  norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None),
+        full=dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                  caption_channels=2304, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1,
+                  norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None),
+        vae_class="AutoencoderDC",
+        vae=dict(_TINY_DC_AE, latent_channels=8),
+        full_vae=dict(_TINY_DC_AE, latent_channels=32, encoder_block_types=("ResBlock",) * 6,
+                      decoder_block_types=("ResBlock",) * 6, encoder_block_out_channels=(8,) * 6,
+                      decoder_block_out_channels=(8,) * 6, encoder_layers_per_block=(1,) * 6,
+                      decoder_layers_per_block=(1,) * 6, encoder_qkv_multiscales=((),) * 6,
+                      decoder_qkv_multiscales=((),) * 6),  # 6 stages: 32x, as DC-AE f32c32
+        scheduler="DPMSolverMultistepScheduler",
+        scheduler_config=dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        sampling=dict(height=32, width=32, steps=4, cfg_scale=4.5, max_sequence_length=32),
+        full_sampling=dict(height=1024, width=1024, steps=20, cfg_scale=4.5, max_sequence_length=300)),
+    # Wan2.1-T2V-1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers): 30 blocks 1536 wide (12 heads of 128), FFN 8960,
+    # cross-attention to UMT5-XXL's 4096-wide features; its VAE compresses 4x in time and 8x in space.
+    "wan": Family(
+        "WanPipeline", "WanTransformer3DModel",
+        tiny=dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
+                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=3, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32),
+        full=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        vae_class="AutoencoderKLWan",
+        vae=dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,  # lists: the VAE adds to them
+                 temperal_downsample=[False, True, True]),
+        scheduler="UniPCMultistepScheduler",
+        scheduler_config=dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        sampling=dict(height=32, width=32, num_frames=9, steps=4, cfg_scale=5.0, max_sequence_length=32),
+        full_sampling=dict(height=480, width=832, num_frames=81, steps=50, cfg_scale=5.0, max_sequence_length=512)),
 }
 
 
@@ -93,8 +158,8 @@ def build_pipeline(name, size="tiny", seed=0):
     transformer = getattr(diffusers, family.transformer)(**(family.tiny if size == "tiny" else family.full))
     _randomize_zero_init(transformer)
     torch.manual_seed(seed + 1)
-    vae = diffusers.AutoencoderKL(**family.vae)
-    scheduler = getattr(diffusers, family.scheduler)()
+    vae = getattr(diffusers, family.vae_class)(**(family.full_vae or family.vae if size == "full" else family.vae))
+    scheduler = getattr(diffusers, family.scheduler)(**family.scheduler_config)
     components = _TEXT_COMPONENTS[name](transformer.config, _settings(family, size)["max_sequence_length"], seed)
     return getattr(diffusers, family.pipeline)(transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler,
                                                **components)
@@ -155,4 +220,14 @@ def _flux_text(config, max_length, seed):
             "text_encoder_2": t5_encoder(config.joint_attention_dim, seed=seed + 1)}
 
 
-_TEXT_COMPONENTS = {"pixart": _pixart_text, "sd3": _sd3_text, "flux": _flux_text}
+def _sana_text(config, max_length, seed):
+    return {"tokenizer": gemma_tokenizer(max_length),
+            "text_encoder": gemma2_encoder(config.caption_channels, seed=seed)}
+
+
+def _wan_text(config, max_length, seed):
+    return {"tokenizer": byte_tokenizer(max_length), "text_encoder": umt5_encoder(config.text_dim, seed=seed)}
+
+
+_TEXT_COMPONENTS = {"pixart": _pixart_text, "sd3": _sd3_text, "flux": _flux_text, "sana": _sana_text,
+                    "wan": _wan_text}

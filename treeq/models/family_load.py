@@ -46,27 +46,39 @@ def load_family_transformer(folder, class_name):
         settings = dict(FAMILIES[family].full_sampling)
     model.source = {"path": str(pipeline_folder) if pipeline_folder else None, "family": ADAPTERS[class_name].family,
                     **_token_counts(model, pipeline_folder, settings)}
-    model.sampling = {key: settings[key] for key in ("height", "width", "steps", "cfg_scale", "max_sequence_length")
-                      if key in settings}
+    model.sampling = {key: settings[key] for key in ("height", "width", "num_frames", "steps", "cfg_scale",
+                                                     "max_sequence_length") if key in settings}
     return model
 
 
 def _token_counts(model, pipeline_folder, settings):
-    """Image and text tokens per sample at the folder's resolution and prompt length (None: the family's default)."""
+    """Image and text tokens per sample at the folder's resolution and prompt length (None: the family's default).
+
+    The VAE's spatial compression: an AutoencoderKL halves per stage after the first; Sana's DC-AE likewise
+    (encoder_block_out_channels: 32x for the published f32c32); Wan's VAE says it (scale_factor_spatial, 8)
+    and compresses time 4x (1 + (frames - 1) / 4 latent frames, the first frame alone)."""
     if not settings or pipeline_folder is None:
         return {"image_tokens": None, "text_tokens": None}
     vae_config = _read(pipeline_folder / "vae" / "config.json") if (pipeline_folder / "vae").is_dir() else {}
-    scale = 2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1)
-    patch = model.config.get("patch_size", 1)
-    patch = patch if isinstance(patch, int) else patch[-1]
-    side = (settings["height"] // scale // patch, settings["width"] // scale // patch)
     family = ADAPTERS[type(model).__name__].family
+    if "scale_factor_spatial" in vae_config:
+        scale = vae_config["scale_factor_spatial"]
+    else:
+        stages = vae_config.get("encoder_block_out_channels") or vae_config.get("block_out_channels", (0,) * 4)
+        scale = 2 ** (len(stages) - 1)
+    patch = model.config.get("patch_size", 1)
+    patch = (1, patch, patch) if isinstance(patch, int) else tuple(patch)
+    side = (settings["height"] // scale // patch[-2], settings["width"] // scale // patch[-1])
     if family == "flux":  # latents are packed 2x2 into tokens
         side = (side[0] // 2, side[1] // 2)
+    frames = 1
+    if family == "wan":
+        temporal = vae_config.get("scale_factor_temporal", 4)
+        frames = ((settings.get("num_frames", 81) - 1) // temporal + 1) // patch[0]
     text = settings.get("max_sequence_length")
     if family == "sd3" and text:
         text += 77  # the CLIP tokens beside T5's
-    return {"image_tokens": side[0] * side[1], "text_tokens": text}
+    return {"image_tokens": frames * side[0] * side[1], "text_tokens": text}
 
 
 def _read(path):
