@@ -35,9 +35,20 @@ def test_quantize_takes_a_preset_and_a_mapping_in_place(tiny_dit):
     assert isinstance(fresh.blocks[0].mlp.fc1, QuantLinear) and not isinstance(fresh.blocks[0].mlp.fc2, QuantLinear)
 
 
-def test_load_run_returns_the_quantized_model(tiny_dit, tmp_path):
+def test_load_run_returns_the_quantized_transformer_of_a_run_folder(tmp_path):
+    from treeq.models.adapters import adapter_for
+    from treeq.models.load import load
+    from treeq.ptq.calibration import collect_calibration
     from treeq.ptq.run import save_run
-    quantized = treeq.quantize_(tiny_dit, "W4A4")
-    save_run(tmp_path / "run", treeq.Recipe(), quantized)
-    # a run records its recipe's model ('default', the testbed), so reload through the structure it saved
-    assert set(treeq.load_run.__code__.co_names) >= {"load_quantized"}
+
+    folder = init_pipeline_folder("pixart", tmp_path / "pixart")
+    model = load(folder)
+    calibration = collect_calibration(model, num_images=1, num_timesteps=1)
+    recipe = treeq.Recipe(model=str(folder), bits="W4A4")
+    quantized = treeq.quantize_(model, recipe, calibration)
+    save_run(tmp_path / "run", recipe, quantized)
+    reloaded = treeq.load_run(tmp_path / "run")
+    inputs = next(adapter_for(model).batches(calibration, 4))
+    with torch.no_grad():
+        assert torch.equal(adapter_for(model).forward(reloaded, inputs), adapter_for(model).forward(quantized, inputs))
+    assert isinstance(reloaded.transformer_blocks[0].attn1.to_q, QuantLinear)

@@ -31,9 +31,9 @@ def quantize_(transformer, recipe="W4A4", calibration=None):
     return quantize(transformer, bits, recipe, calibration=calibration, inplace=True)
 
 
-def search(transformer, calibration, target="W4A4", recipe=None, method="tss", out=None, **options):
+def search_bits(transformer, calibration, target="W4A4", recipe=None, method="tss", out=None, **options):
     """A mixed-precision bit configuration for `transformer` at the `target` budget (TreeQ's tree search by
-    default, or ilp, evo, greedy, random, uniform); `transformer` itself is left as it is. Returns the
+    default (not named `search`: the package treeq.search would shadow it once imported), or ilp, evo, greedy, random, uniform); `transformer` itself is left as it is. Returns the
     search result (`.config` is the mapping `quantize_` takes as a recipe's bits). The search's files
     (state, log, plots) go beside `out`, or into a temporary folder. `options`: queue_size, env_bits,
     calibration_rows, candidates, ... as `treeq search` takes them."""
@@ -51,4 +51,4 @@ def load_run(folder):
     return load_quantized(folder)
 
 
-__all__ = ["Recipe", "calibrate", "load_run", "quantize_", "search"]
+__all__ = ["Recipe", "calibrate", "load_run", "quantize_", "search_bits"]
