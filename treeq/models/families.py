@@ -23,7 +23,6 @@ from .text_encoders import (
     gemma2_encoder,
     gemma_tokenizer,
     t5_encoder,
-    umt5_encoder,
 )
 
 SETTINGS_FILE = "treeq.json"
@@ -226,7 +225,7 @@ def _sana_text(config, max_length, seed):
 
 
 def _wan_text(config, max_length, seed):
-    return {"tokenizer": byte_tokenizer(max_length), "text_encoder": umt5_encoder(config.text_dim, seed=seed)}
+    return {"tokenizer": byte_tokenizer(max_length), "text_encoder": t5_encoder(config.text_dim, seed=seed, umt5=True)}
 
 
 _TEXT_COMPONENTS = {"pixart": _pixart_text, "sd3": _sd3_text, "flux": _flux_text, "sana": _sana_text,

@@ -37,14 +37,15 @@ def gemma_tokenizer(max_length=300):
     return byte_tokenizer(max_length, bos="<bos>", eos="<eos>", pad="<pad>", append_eos=False)
 
 
-def t5_encoder(d_model, *, layers=1, heads=2, d_ff=None, seed=0):
-    """A random T5EncoderModel whose vocabulary covers byte_tokenizer's ids."""
-    from transformers import T5Config, T5EncoderModel
+def t5_encoder(d_model, *, layers=1, heads=2, d_ff=None, seed=0, umt5=False):
+    """A random T5EncoderModel (UMT5EncoderModel, Wan's, with umt5) whose vocabulary covers byte_tokenizer's ids."""
+    import transformers
+    prefix = "UMT5" if umt5 else "T5"
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=300, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff or 2 * d_model,
-                      num_layers=layers, num_heads=heads, relative_attention_num_buckets=8, pad_token_id=0,
-                      eos_token_id=1, decoder_start_token_id=0)
-    return T5EncoderModel(config).eval()
+    config = getattr(transformers, f"{prefix}Config")(
+        vocab_size=300, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff or 2 * d_model, num_layers=layers,
+        num_heads=heads, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return getattr(transformers, f"{prefix}EncoderModel")(config).eval()
 
 
 def clip_encoder(hidden_size, *, projection_dim=None, layers=1, heads=2, seed=0):
@@ -69,13 +70,3 @@ def gemma2_encoder(hidden_size, *, layers=1, heads=2, head_dim=16, seed=0):
                           sliding_window=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                           attn_implementation="eager")
     return Gemma2Model(config).eval()
-
-
-def umt5_encoder(d_model, *, layers=1, heads=2, d_ff=None, seed=0):
-    """A random UMT5EncoderModel (Wan's text encoder) whose vocabulary covers byte_tokenizer's ids."""
-    from transformers import UMT5Config, UMT5EncoderModel
-    torch.manual_seed(seed)
-    config = UMT5Config(vocab_size=300, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff or 2 * d_model,
-                        num_layers=layers, num_heads=heads, relative_attention_num_buckets=8, pad_token_id=0,
-                        eos_token_id=1, decoder_start_token_id=0)
-    return UMT5EncoderModel(config).eval()
