@@ -39,11 +39,11 @@ def quantize(model, config, recipe=None, *, calibration=None, inplace=False):
     return set_bits_(model, config)
 
 
-def quantized_structure(model, config, recipe=None):
-    """A copy of `model` with the QuantLinears, transforms and branches `quantize` would make, left empty
-    (at full precision) for `load_state_dict` of a saved quantized model."""
+def quantized_structure(model, config, recipe=None, *, inplace=False):
+    """A copy of `model` (`model` itself if inplace) with the QuantLinears, transforms and branches
+    `quantize` would make, left empty (at full precision) for `load_state_dict` of a saved quantized model."""
     recipe = recipe or Recipe()
-    model, layers = _swap_layers(model, config, recipe, inplace=False)
+    model, layers = _swap_layers(model, config, recipe, inplace)
     for _, method, options in recipe.steps():
         for layer in layers.values():
             method.rebuild(layer, **options)
