@@ -174,6 +174,8 @@ def test_the_cli_chain_of_the_issue_on_flux(tmp_path):
                  "monarch", *common, "--out", str(run)]) == 0
     assert main(["sample", "--quant", str(run), "--num-samples", "2", "--out", str(samples)]) == 0
     assert (samples / "samples.npz").exists() and (samples / "grid.png").exists()
+    assert main(["export", "--quant", str(run), "--out", str(tmp_path / "E")]) == 2  # packed export: our DiT only
+    assert not (tmp_path / "E").exists()
     assert main(["search", "--model", str(folder), "--target", "W4A4", "--queue-size", "2", "--calibration-rows",
                  "2", *common, "--out", str(tmp_path / "b.json")]) == 0
     assert main(["quantize", "--model", str(folder), "--config", str(tmp_path / "b.json"), "--out",

@@ -59,7 +59,9 @@ def export(model, path, *, scale_dtype=torch.float16):
     if scale_dtype not in (torch.float16, torch.float32):
         raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype!r}")
     if not isinstance(getattr(model, "config", None), DiTConfig):
-        raise ValueError("export needs a DiT (a model with a DiTConfig `config`)")
+        raise ValueError(f"the packed integer export holds our DiT only, not a {type(model).__name__}; "
+                         "a text-to-image family's run folder loads as it is (treeq.load_run, or diffusers' "
+                         "from_pretrained with treeq.TreeQConfig)")
     quantized = {name: module for name, module in model.named_modules() if isinstance(module, (QuantLinear, IntLinear))}
     tensors, layers = {}, {}
     for name, module in quantized.items():
