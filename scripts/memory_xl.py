@@ -18,8 +18,8 @@ import torch
 from treeq.bits import preset_config, quantizable_layers
 from treeq.memory import model_shapes, peak_memory, project_resident_bytes, resident_bytes
 from treeq.models.load import load
-from treeq.quant.apply import quantize
-from treeq.quant.recipe import Recipe
+from treeq.ptq.apply import quantize
+from treeq.ptq.recipe import Recipe
 
 
 def main():

@@ -16,8 +16,8 @@ import time
 
 from treeq.bits import uniform_config
 from treeq.models.load import load
-from treeq.quant.apply import quantize
-from treeq.quant.calibration import load_or_collect, spread_rows
+from treeq.ptq.apply import quantize
+from treeq.ptq.calibration import load_or_collect, spread_rows
 from treeq.quant.linear import cache_dequantized_
 from treeq.search.objective import ModelObjective
 from treeq.search.run import SEARCH_RECIPE

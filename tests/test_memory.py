@@ -13,9 +13,9 @@ from treeq.memory import (
     resident_bytes,
 )
 from treeq.models.registry import create_model
-from treeq.quant.apply import quantize
+from treeq.ptq.apply import quantize
 from treeq.quant.linear import cache_dequantized_
-from treeq.quant.recipe import Recipe
+from treeq.ptq.recipe import Recipe
 
 
 @pytest.fixture(scope="module")
