@@ -52,6 +52,7 @@ ACTIVATIONS = "dynamic-asym"
 SEARCH_ROWS = 16        # search/run.py's default calibration rows
 QUEUE_SIZE = 16         # its default queue
 READOUT_BLOCKS = 1      # its default readout
+MALLOC_MMAP_THRESHOLD = 2 ** 20  # bytes: glibc's, in the quantize subprocess (see quantize_subprocess)
 # Whose float32 transformer fits in this machine's memory (24 GiB): FLUX.1's 48 GB does not.
 FITS_IN_MEMORY = ("pixart", "sd3", "sana", "wan")
 # One block of each kind: the config overrides of a reduced-depth model at real width, and which of its
@@ -427,7 +428,8 @@ def quantize_worker(name, size="full", seed=0):
     from ..quant.linear import QuantLinear
 
     torch.set_num_threads(1)
-    result = {"threads": torch.get_num_threads(), "rss_start_gb": _rss_gb()}
+    result = {"threads": torch.get_num_threads(), "rss_start_gb": _rss_gb(),
+              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = getattr(diffusers, FAMILIES[name].transformer)(**transformer_config(name, size)).eval()
@@ -450,7 +452,11 @@ def quantize_worker(name, size="full", seed=0):
 def quantize_subprocess(name, size="full", seed=0, timeout=480):
     """quantize_worker in a fresh Python process (its own peak RSS)."""
     command = [sys.executable, "-m", "treeq.bench.families", "quantize", name, size, str(seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # A fixed glibc mmap threshold returns each freed temporary of the rounding to the system at once; with
+    # the default (dynamic) threshold glibc keeps them and RSS at codes time is twice the tensors (measured:
+    # PixArt 6.7 GiB for 3.1 GB resident, Sana 15.1 GiB for 7.2 GB), which SD3 would push past 24 GiB.
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD), **os.environ, "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=Path(__file__).resolve().parents[2])
     if done.returncode != 0:
@@ -477,7 +483,8 @@ def quantize_rows(name, size="full", seed=0):
     rows = []
     if name in FITS_IN_MEMORY:
         measured = quantize_subprocess(name, size, seed)
-        note = f"W4A4 rtn + {ACTIVATIONS}, in place; torch threads {measured['threads']}, own process"
+        note = (f"W4A4 rtn + {ACTIVATIONS}, in place; torch threads {measured['threads']}, own process, "
+                f"MALLOC_MMAP_THRESHOLD_={measured['malloc_mmap_threshold']}")
         rows += [_row(name, "quantize", "build (random init)", measured["build_s"], "s", "measured", note),
                  _row(name, "quantize", "quantize (swap + rtn)", measured["quantize_s"], "s", "measured", note),
                  _row(name, "quantize", "codes of every layer", measured["codes_s"], "s", "measured",
