@@ -178,6 +178,8 @@ def test_full_transformer_has_published_shape(name, published, monkeypatch):
             built.update(components)
 
     monkeypatch.setattr(diffusers, FAMILIES[name].pipeline, Pipeline)
+    # a scheduler builds its tables from tensors, which on the meta device hold no values (it failed when run alone)
+    monkeypatch.setattr(diffusers, FAMILIES[name].scheduler, lambda **config: None)
     monkeypatch.setattr(families, "_randomize_zero_init", lambda model: None)  # meta tensors hold no values
     with torch.device("meta"):
         build_pipeline(name, "full")

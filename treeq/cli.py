@@ -309,6 +309,8 @@ _BENCHES = {
     "ablation": ("paper", "bench_ablation", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                                        **_settings(a, "targets")}),
     "depth": ("search_analysis", "bench_depth", lambda a: {}),
+    # parts (blocks, quantize, tiny) and families (pixart, sd3, flux, sana, wan) in --settings; one thread
+    "families": ("families", "bench_families", lambda a: {"seed": a.seed, **_settings(a, "settings")}),
     "locality": ("search_analysis", "bench_locality", lambda a: {}),
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
     # its own sample counts (64 testbed images, 8 DiT-XL/2 ones)
@@ -554,7 +556,8 @@ def build_parser():
     bench.add_argument("--seed", type=SEED, default=0)
     bench.add_argument("--settings", default=None,
                        help="ptq, paper, ablation: presets to run, e.g. W4A4,W3A3 (split a long bench over "
-                            "processes; default: the bench's own)")
+                            "processes; default: the bench's own); families: parts and families, e.g. "
+                            "blocks,quantize,tiny,pixart,sd3")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="xl: cpu, cuda or cuda:N")
     bench.add_argument("--model", default=None, help="xl: a DiT-XL/2 checkpoint (default: random weights)")
     bench.add_argument("--json", action="store_true")

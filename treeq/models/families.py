@@ -3,8 +3,9 @@
 `treeq init --family F --size tiny|full` writes one: transformer, scheduler, VAE, text encoders and
 tokenizers, all built in code from configs (nothing downloaded), plus `treeq.json` with the sampling
 settings TreeQ uses for it. "full" gives the transformer its published shapes (text encoders and VAE
-stay small: they are never quantized and only feed the transformer; Sana's and Wan's full VAEs keep the
-published compression, 32x and 4x8x8, so the token counts at the published resolution are the real ones).
+stay small: they are never quantized and only feed the transformer; every full VAE keeps the published
+compression and latent channels - 8x for PixArt, SD3 and FLUX, 32x for Sana, 4x8x8 for Wan - so the token
+counts at the published resolution are the real ones).
 
 Sana (`SanaPipeline`) encodes prompts with Gemma2 (a byte tokenizer laid out as Gemma's: <bos> first) and
 decodes with a DC-AE (`AutoencoderDC`); Wan (`WanPipeline`, text-to-video) with UMT5 and `AutoencoderKLWan`.
@@ -57,6 +58,12 @@ _TINY_DC_AE = dict(in_channels=3, attention_head_dim=8, encoder_block_types=("Re
                    upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
                    scaling_factor=0.41407)
 
+# The full-size KL VAE of PixArt, SD3 and FLUX: tiny channels, but the published four stages (8x) and latent
+# channels, so a 1024px sample has the real token count (64 x 64 latents: 4,096 tokens after patch 2, or
+# after FLUX's 2x2 packing). Scaling and shift factors are the published VAEs'.
+_FULL_KL_VAE = dict(_TINY_VAE, block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4)
+
 FAMILIES = {
     "pixart": Family(
         "PixArtSigmaPipeline", "PixArtTransformer2DModel",
@@ -70,6 +77,7 @@ FAMILIES = {
                   norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2,
                   use_additional_conditions=False),
         vae=dict(_TINY_VAE, latent_channels=4), scheduler="DPMSolverMultistepScheduler",
+        full_vae=dict(_FULL_KL_VAE, latent_channels=4, scaling_factor=0.13025),  # SDXL's VAE (PixArt-Sigma)
         sampling=dict(height=16, width=16, steps=4, cfg_scale=4.5, max_sequence_length=32),
         full_sampling=dict(height=1024, width=1024, steps=20, cfg_scale=4.5, max_sequence_length=300)),
     "sd3": Family(
@@ -82,6 +90,8 @@ FAMILIES = {
                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
         vae=dict(_TINY_VAE, latent_channels=4, shift_factor=0.06, scaling_factor=1.5, use_quant_conv=False,
                  use_post_quant_conv=False),
+        full_vae=dict(_FULL_KL_VAE, latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305,
+                      use_quant_conv=False, use_post_quant_conv=False),
         scheduler="FlowMatchEulerDiscreteScheduler",
         sampling=dict(height=16, width=16, steps=4, cfg_scale=7.0, max_sequence_length=32),
         full_sampling=dict(height=1024, width=1024, steps=28, cfg_scale=7.0, max_sequence_length=256)),
@@ -95,6 +105,8 @@ FAMILIES = {
                   guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
         vae=dict(_TINY_VAE, latent_channels=4, shift_factor=0.06, scaling_factor=1.5, use_quant_conv=False,
                  use_post_quant_conv=False),
+        full_vae=dict(_FULL_KL_VAE, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                      use_quant_conv=False, use_post_quant_conv=False),  # 16 channels: 64 after 2x2 packing
         scheduler="FlowMatchEulerDiscreteScheduler",
         # FLUX.1-schnell: guidance-distilled to 4 steps, no classifier-free guidance
         sampling=dict(height=16, width=16, steps=4, cfg_scale=0.0, max_sequence_length=32),
