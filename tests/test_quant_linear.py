@@ -7,7 +7,6 @@ import treeq.quant.linear as linear_module
 from treeq.memory import quantized_linear_bytes, resident_bytes
 from treeq.quant.linear import QuantLinear, cache_dequantized_, weight_fingerprint
 from treeq.quant.quantizers import (
-    QuantizedWeight,
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
