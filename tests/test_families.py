@@ -165,6 +165,25 @@ def test_a_finetuning_step_lowers_the_distillation_loss(folders, calibrations, f
     assert len(losses) == 8 and _relative_error(student, model, calibrations[family]) < before
 
 
+def test_eval_measures_a_run_against_its_fp_transformer(folders, calibrations, tmp_path, capsys):
+    """PSNR of the sampled images and held-out output error; a shared FP reference gives the same figures."""
+    from treeq.eval.fidelity import family_fidelity, fp_reference
+    from treeq.ptq.run import save_run
+
+    model = load(folders["flux"])
+    recipe = dataclasses.replace(RECIPE, model=str(folders["flux"]))
+    save_run(tmp_path / "run", recipe, quantize(model, preset_config(model, "W4A4"), recipe,
+                                                calibration=calibrations["flux"]))
+    capsys.readouterr()
+    assert main(["eval", "--quant", str(tmp_path / "run"), "--num-samples", "2", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 < metrics["output_relative_error"] < W4A4_BOUND and 20 < metrics["psnr_vs_fp"] < float("inf")
+    quantized = quantize(model, preset_config(model, "W4A4"), recipe, calibration=calibrations["flux"])
+    shared = family_fidelity(quantized, model, num_samples=2, reference=fp_reference(model, num_samples=2))
+    assert shared == family_fidelity(quantized, model, num_samples=2)
+    assert family_fidelity(model, model, num_samples=2)["output_relative_error"] == 0
+
+
 def test_the_cli_chain_of_the_issue_on_flux(tmp_path):
     """init -> quantize (GMB) -> sample -> eval; search -> quantize with its bits (a small queue)."""
     folder, run, samples = tmp_path / "P", tmp_path / "R", tmp_path / "S"

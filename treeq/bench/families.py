@@ -508,7 +508,7 @@ def tiny_fidelity_rows(name, *, calibration_images=4, num_samples=4, queue_size=
                        calibration_rows=SEARCH_ROWS, seed=0, folder=None):
     """Uniform W4A4 against a TreeQ W4A4 search on the tiny pipeline of `name`: fidelity to FP of each."""
     from ..bits import average_bits, preset_config
-    from ..eval.fidelity import family_fidelity
+    from ..eval.fidelity import family_fidelity, fp_reference
     from ..models.adapters import adapter_for
     from ..models.families import init_pipeline_folder
     from ..models.load import load
@@ -529,7 +529,8 @@ def tiny_fidelity_rows(name, *, calibration_images=4, num_samples=4, queue_size=
         result = run_search(recipe, "W4A4", "tss", out=root / f"{name}-bits.json", queue_size=queue_size,
                             calibration_rows=calibration_rows, progress=False, model=model, calibration=calibration)
         searched = quantize(model, result.config, recipe, calibration=calibration)
-        fidelity = {label: family_fidelity(quantized, model, num_samples=num_samples, seed=seed)
+        reference = fp_reference(model, num_samples=num_samples, seed=seed)  # FP sampled once for both rows
+        fidelity = {label: family_fidelity(quantized, model, num_samples=num_samples, seed=seed, reference=reference)
                     for label, quantized in (("uniform", uniform), ("treeq", searched))}
     rows_of = adapter_for(model).num_rows(calibration)
     note = (f"tiny random pipeline; {calibration_images} calibration images ({rows_of} rows), {num_samples} "
