@@ -1,7 +1,9 @@
 """`treeq search` in-process on a tiny model: writes bits.json, state, log, results and plots; bad input exits 2."""
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 
 from treeq.bits import average_bits, load_config, validate_config
 from treeq.cli import main
@@ -116,3 +118,46 @@ def test_seed_ilp_runs_the_integer_program_first_and_the_tree_ends_at_or_below_i
     assert len(ilp_lines) == ilp["evaluations"] and seeded["evaluations"] == len(ilp_lines) + len(tree_lines)
     assert seeded["metric"] <= ilp["metric"] + 1e-12 and average_bits(load_config(out), tiny_dit) <= 4.0 + 1e-9
     assert main(["search", "--model", tiny_path, "--method", "ilp", *FAST, "--seed-ilp", "--out", str(out)]) == 2
+
+
+def test_held_out_rows_are_apart_from_the_scored_and_the_refined_ones(tiny_dit):
+    from treeq.ptq.calibration import split_rows
+    rows = torch.arange(40).float()
+    calibration = (rows[:, None], rows, rows.long())  # a DiT's (x_t, t, y): the row number in each part
+    scored, refined, held_out = split_rows(calibration, (8, 6), tiny_dit)
+    parts = [set(part[1].tolist()) for part in (scored, refined, held_out)]
+    assert [len(part) for part in parts] == [8, 6, 26]
+    assert set().union(*parts) == set(range(40)) and sum(map(len, parts)) == 40
+    assert scored[1].tolist() == torch.linspace(0, 39, 8).round().tolist()  # the search's rows, as before
+    with pytest.raises(ValueError, match=r"refine_rows must be in 1..32 \(the rows the search does not score\)"):
+        split_rows(calibration, (8, 33), tiny_dit)
+
+
+def test_a_search_reports_its_error_on_rows_it_did_not_score(tiny_path, tmp_path):
+    from treeq.models.load import load
+    from treeq.ptq.apply import quantize
+    from treeq.ptq.calibration import load_or_collect, split_rows
+    from treeq.search.objective import output_error
+    from treeq.search.run import SEARCH_RECIPE
+    out = tmp_path / "r.json"
+    argv = ["search", "--model", tiny_path, "--method", "tss", *FAST, "--calibration-images", "2",
+            "--calibration-timesteps", "4", "--refine-sweeps", "1", "--refine-rows", "2", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.with_suffix(".results.json").read_text())
+    assert results["settings"]["refine_rows"] == 2
+    # The figure is the chosen bits' output error on the two rows neither scored nor refined on.
+    recipe = replace(SEARCH_RECIPE, model=tiny_path, calibration_images=2, calibration_timesteps=4)
+    model = load(tiny_path)
+    calibration = load_or_collect(model, **recipe.calibration_options())
+    *_, held_out = split_rows(calibration, (4, 2), model)
+    assert results["held_out_rows"] == len(held_out[0]) == len(calibration[0]) - 6 > 0
+    config = load_config(out)
+    quantized = quantize(model, config, replace(recipe, switch_bits=((3, 3), (4, 4), (8, 8))), calibration=calibration)
+    assert results["held_out_metric"] == pytest.approx(output_error(quantized, held_out, config), rel=1e-5)
+    assert results["held_out_metric"] != pytest.approx(results["metric"], rel=1e-3)
+
+
+def test_refine_rows_without_sweeps_are_refused(tiny_path, tmp_path, capsys):
+    argv = ["search", "--model", tiny_path, *FAST, "--refine-rows", "2", "--out", str(tmp_path / "b.json")]
+    assert main(argv) == 2
+    assert "give refine_sweeps too" in capsys.readouterr().err

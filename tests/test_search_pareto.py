@@ -66,3 +66,30 @@ def test_nan_and_bad_queue_size_are_refused():
         pareto_drop([(0, float("nan"))], 2)
     with pytest.raises(ValueError, match="queue_size"):
         pareto_drop([(0, 1.0)], 0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_windowed_drop_keeps_the_window_first_and_nothing_dominated_within_it(seed):
+    rng = random.Random(seed)
+    points = [(rng.randrange(12), rng.randrange(12) / 4) for _ in range(rng.randrange(1, 60))]
+    queue_size = rng.randrange(1, 20)
+    low = rng.randrange(12)
+    window = (low, low + rng.randrange(6))
+    inside = lambda i: window[0] <= points[i][0] <= window[1]  # noqa: E731
+    kept, dropped = pareto_drop(points, queue_size, window)
+    assert len(kept) == min(queue_size, len(points))
+    assert sorted(kept + dropped) == list(range(len(points)))
+    # The window's points take the places first: a point outside is kept only when all inside are.
+    assert not (any(not inside(k) for k in kept) and any(inside(d) for d in dropped))
+    assert not any(dominates(points[d], points[k]) for k in kept for d in dropped if inside(d))
+    assert pareto_drop(points, queue_size, window) == (kept, dropped)
+
+
+def test_the_window_changes_what_a_front_keeps():
+    points = [(float(c), 10.0 - c) for c in range(11)]  # one front, costs 0..10
+    kept, _ = pareto_drop(points, 3, window=(4.0, 6.0))
+    assert [points[i][0] for i in kept] == [4.0, 5.0, 6.0]  # the plain drop keeps 0, 5, 10
+    kept, _ = pareto_drop(points, 4, window=(4.0, 6.0))
+    assert [points[i][0] for i in kept] == [0.0, 4.0, 5.0, 6.0]  # the free place: the plain rule outside
+    with pytest.raises(ValueError, match="low <= high"):
+        pareto_drop(points, 3, window=(6.0, 4.0))

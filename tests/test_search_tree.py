@@ -219,11 +219,29 @@ def test_a_seed_stays_in_every_queue_so_the_root_never_ends_above_it():
     space, cost, target = coupled_problem()
     scorer = CoupledScorer()
     optimum = brute_force(scorer, space, cost, target)
-    plain = tree_search(scorer, space, cost, target, queue_size=4, progress=False)
+    plain = tree_search(scorer, space, cost, target, queue_size=4, progress=False, budget_window=None)
     assert plain.metric > scorer.full(optimum) + 0.1  # the thinning dropped what the optimum needs
-    seeded = tree_search(scorer, space, cost, target, queue_size=4, progress=False, seeds=[optimum])
+    seeded = tree_search(scorer, space, cost, target, queue_size=4, progress=False, seeds=[optimum],
+                         budget_window=None)
     assert seeded.metric == pytest.approx(scorer.full(optimum))
     assert [(v["w_bits"], v["a_bits"]) for v in seeded.config.values()] == list(optimum)
     assert all(len(node["kept"]) <= 5 for level in seeded.levels for node in level)  # the queue plus the seed
     with pytest.raises(ValueError, match="keep the budget"):
         tree_search(scorer, space, cost, target, queue_size=4, progress=False, seeds=[(HIGH,) * 8])
+
+
+def test_the_budget_window_keeps_what_the_optimum_needs_where_the_plain_drop_loses_it():
+    space, cost, target = coupled_problem()
+    scorer = CoupledScorer()
+    optimum = scorer.full(brute_force(scorer, space, cost, target))
+    plain = tree_search(scorer, space, cost, target, queue_size=4, progress=False, budget_window=None)
+    windowed = tree_search(scorer, space, cost, target, queue_size=4, progress=False)
+    assert plain.metric > optimum + 0.1 and windowed.metric == pytest.approx(optimum)
+    assert windowed.evaluations <= plain.evaluations * 1.1
+
+
+@pytest.mark.parametrize("width", [-1, "1", True])
+def test_a_bad_budget_window_is_refused(width):
+    space, cost, target = coupled_problem()
+    with pytest.raises(ValueError, match="budget_window"):
+        tree_search(CoupledScorer(), space, cost, target, queue_size=4, progress=False, budget_window=width)

@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .flags import add_dataclass_arguments, number  # noqa: E402  (light: no torch)
+from .search.pareto import BUDGET_WINDOW  # noqa: E402  (light: no torch)
 
 # Shared ranges of flags that several commands take (docs/CLI-FLAGS.md lists every one).
 COUNT = number(int, 1)          # images, steps, sizes: at least one
@@ -301,7 +302,9 @@ _BENCHES = {
     "ptq": ("ptq", "bench_ptq", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                            **_settings(a, "settings")}),
     "recipes": ("ptq", "bench_output_error", lambda a: {}),
-    "search": ("search", "bench_search", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
+    "search": ("search", "bench_search", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
+                                                    "model": a.model or "default", **_settings(a, "targets"),
+                                                    **({"methods": tuple(a.methods.split(","))} if a.methods else {})}),
     "eng": ("search", "bench_eng", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "rank": ("search", "bench_rank", lambda a: {"num_samples": a.num_samples, "seed": a.seed}),
     "paper": ("paper", "bench_paper", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
@@ -311,7 +314,7 @@ _BENCHES = {
     "depth": ("search_analysis", "bench_depth", lambda a: {}),
     # parts (blocks, quantize, tiny) and families (pixart, sd3, flux, sana, wan) in --settings; one thread
     "families": ("families", "bench_families", lambda a: {"seed": a.seed, **_settings(a, "settings")}),
-    "locality": ("search_analysis", "bench_locality", lambda a: {}),
+    "locality": ("search_analysis", "bench_locality", lambda a: {"model": a.model or "default"}),
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
     # its own sample counts (64 testbed images, 8 DiT-XL/2 ones)
     "deploy": ("deploy", "bench_deploy", lambda a: {"seed": a.seed}),
@@ -350,7 +353,9 @@ def cmd_search(args):
                         queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
                         readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks,
                         evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost,
-                        device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp)
+                        device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp,
+                        budget_window=None if args.budget_window < 0 else args.budget_window,
+                        refine_rows=args.refine_rows)
     print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
@@ -385,6 +390,12 @@ def _add_search(sub):
     search.add_argument("--refine-sweeps", type=number(int, 0), default=0,
                         help="after the search, this many coordinate-descent sweeps on the end-to-end metric "
                              "within the budget (0: none)")
+    search.add_argument("--refine-rows", type=COUNT, default=None,
+                        help="with --refine-sweeps: refine on this many calibration rows the search did not score "
+                             "(default: on the scored rows)")
+    search.add_argument("--budget-window", type=number(float, -1), default=BUDGET_WINDOW,
+                        help="tss: each queue keeps candidates within this many average bits of the segment's share "
+                             "of the budget first; -1 = the plain Pareto drop over every cost")
     search.add_argument("--seed-ilp", action="store_true",
                         help="tss: run the integer program first and keep its configuration in every node's queue "
                              "(the tree then ends at or below its metric)")
@@ -559,7 +570,9 @@ def build_parser():
                             "processes; default: the bench's own); families: parts and families, e.g. "
                             "blocks,quantize,tiny,pixart,sd3")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="xl: cpu, cuda or cuda:N")
-    bench.add_argument("--model", default=None, help="xl: a DiT-XL/2 checkpoint (default: random weights)")
+    bench.add_argument("--model", default=None, help="xl: a DiT-XL/2 checkpoint (default: random weights); search, "
+                       "locality: the testbed (default, or deep: 28 blocks like DiT-XL/2)")
+    bench.add_argument("--methods", default=None, help="search: the rows to run, e.g. ilp,tss (default: all)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

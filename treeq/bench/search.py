@@ -23,45 +23,72 @@ from ..bits import average_bits, load_config, quantizable_layers
 from ..experiment import generate, measure
 from ..models.load import load
 from ..ptq.apply import quantize, set_bits_
-from ..ptq.calibration import load_or_collect, spread_rows
+from ..ptq.calibration import load_or_collect, split_rows, spread_rows
 from ..search.cost import parse_target
-from ..search.objective import ModelObjective
+from ..search.objective import ModelObjective, output_error
 from ..search.run import SEARCH_RECIPE, run_search
 from ..search.space import DEFAULT_CANDIDATES
 
 TARGETS = ("W4A4", "W3A3")
-# tss before evo and random: they match its count. tss+refine: the tree search's result refined by
-# REFINE_SWEEPS coordinate-descent sweeps on the end-to-end metric (search/refine.py). tss+ilp: the
-# tree seeded with the integer program's configuration (run_search's seed_ilp).
-METHODS = ("uniform", "greedy", "ilp", "tss", "tss+refine", "tss+ilp", "evo", "random")
 REFINE_SWEEPS = 2
+REFINE_ROWS = 32
+SCORED_ROWS = 16  # run_search's default calibration_rows
+# bench row -> run_search's method and options. tss before evo and random: they match its count.
+# tss-plain: the tree with the plain Pareto drop (no budget window). tss+refine: the tree's result
+# refined by coordinate descent on REFINE_ROWS rows the search did not score (search/refine.py).
+# tss+ilp: the tree seeded with the integer program's configuration (run_search's seed_ilp).
+SEARCHES = {
+    "uniform": {"method": "uniform"},
+    "greedy": {"method": "greedy"},
+    "ilp": {"method": "ilp"},
+    "tss-plain": {"method": "tss", "budget_window": None},
+    "tss": {"method": "tss"},
+    "tss+refine": {"method": "tss", "refine_sweeps": REFINE_SWEEPS, "refine_rows": REFINE_ROWS},
+    "tss+ilp": {"method": "tss", "seed_ilp": True},
+    "evo": {"method": "evo"},
+    "random": {"method": "random"},
+}
+METHODS = tuple(SEARCHES)
 FOLDER = Path("runs") / "bench-search"
 
 
 ENG_FOLDER = Path("runs") / "bench-eng"
 
 
+def bench_folder(folder, model):
+    """The bench's folder for `model`: `folder` itself for the default testbed, else a sibling named for it."""
+    folder = Path(folder)
+    return folder if model == "default" else folder.with_name(f"{folder.name}-{Path(str(model)).stem}")
+
+
 def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECIPE, env_bits=None, name=None,
              **options):
-    """(config, summary) of one search, run now unless its files are already in `folder` (as `name`,
-    default <target>-<method>). options: more run_search keywords (queue_size)."""
+    """(config, summary) of one search (a SEARCHES row), run now unless its files are already in `folder`
+    (as `name`, default <target>-<method>). options: more run_search keywords (queue_size)."""
     out = Path(folder) / f"{name or f'{target}-{method}'}.json"
     results = out.with_suffix(".results.json")
     if not results.exists():
-        base, _, extra = method.partition("+")
-        run_search(recipe, target, base, out=out, evaluations=evaluations, env_bits=env_bits, progress=False,
-                   refine_sweeps=REFINE_SWEEPS if extra == "refine" else 0, seed_ilp=extra == "ilp", **options)
+        run_search(recipe, target, out=out, evaluations=evaluations, env_bits=env_bits, progress=False,
+                   **{**SEARCHES[method], **options})
     return load_config(out), json.loads(results.read_text())
 
 
-def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, folder=FOLDER):
-    """Rows {target, method, evaluations, seconds, bops_bits, search_metric, fid, sfid, class_accuracy, psnr_vs_fp}."""
-    recipe = SEARCH_RECIPE
+def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, folder=FOLDER, model="default"):
+    """Rows {target, method, evaluations, seconds, bops_bits, search_metric, held_out, fid, sfid, class_accuracy,
+    psnr_vs_fp} on the testbed `model` (default or deep). held_out: the configuration's model-output error
+    on the calibration rows that neither the search (its SCORED_ROWS) nor tss+refine (its REFINE_ROWS) saw,
+    the same rows for every method."""
+    unknown = [method for method in methods if method not in SEARCHES]
+    if unknown:
+        raise ValueError(f"unknown bench search method {unknown[0]!r}; known: {', '.join(SEARCHES)}")
+    recipe = replace(SEARCH_RECIPE, model=model)
+    folder = bench_folder(folder, model)
     model = load(recipe.model)
     fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
     rows = [{"target": "FP32", "method": "-", "evaluations": None, "seconds": None, "bops_bits": 32.0,
-             "search_metric": None, **_quality(measure(fp_images, labels), "sfid")}]
+             "search_metric": None, "held_out": None, **_quality(measure(fp_images, labels), "sfid")}]
     calibration = load_or_collect(model, **recipe.calibration_options())
+    *_, held_out = split_rows(calibration, (SCORED_ROWS, REFINE_ROWS), model)
     for target in targets:
         tss_evaluations = None
         for method in tqdm(methods, desc=f"search and sample ({target})"):
@@ -70,10 +97,12 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
             if method == "tss":
                 tss_evaluations = summary["evaluations"]
             quantized = quantize(model, config, recipe, calibration=calibration)
+            error = output_error(quantized, held_out, config)
             images, _, _ = generate(quantized, num_samples, seed, progress=False)
             rows.append({"target": target, "method": method, "evaluations": summary["evaluations"],
                          "seconds": summary["seconds"], "bops_bits": average_bits(config, model),
-                         "search_metric": summary["metric"], **_quality(measure(images, labels, fp_images), "sfid")})
+                         "search_metric": summary["metric"], "held_out": error,
+                         **_quality(measure(images, labels, fp_images), "sfid")})
     return rows
 
 

@@ -47,9 +47,10 @@ def bench_depth(depths=DEPTHS, target="W4A4", queue_size=16):
     return rows
 
 
-def bench_locality(layer="blocks.0.attn.qkv", bits=(4, 4), rows=64):
-    """Rows {block, relative_l2_error}: each block's output with only `layer` quantized, against FP."""
-    model = load("default")
+def bench_locality(layer="blocks.0.attn.qkv", bits=(4, 4), rows=64, model="default"):
+    """Rows {block, relative_l2_error}: each block's output with only `layer` quantized, against FP, on the
+    testbed `model` (default, or deep)."""
+    model = load(model)
     calibration = load_or_collect(model, **SEARCH_RECIPE.calibration_options())
     quantized = quantize(model, {layer: {"w_bits": bits[0], "a_bits": bits[1]}}, SEARCH_RECIPE, calibration=calibration)
     x_t, t, y = spread_rows(calibration, rows)

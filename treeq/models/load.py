@@ -1,6 +1,6 @@
 """One entry point for every model source: the embedded default, our files, official `.pt`, diffusers.
 
-`load(spec)` decides by what `spec` names: "default", a `.safetensors`/`.json` pair
+`load(spec)` decides by what `spec` names: an embedded testbed ("default", "deep"), a `.safetensors`/`.json` pair
 written by TreeQ, an official facebookresearch/DiT `.pt` (architecture read off its tensor
 shapes), a diffusers `DiTTransformer2DModel` folder (converted to our DiT), or a diffusers pipeline or
 transformer folder of another supported family (PixArt, SD3, FLUX, Sana, Wan: loaded in place).
@@ -12,10 +12,10 @@ from .checkpoint import load_model, load_official
 
 def load(spec):
     """A transformer in eval mode from `spec` (see module docstring)."""
-    if spec == "default":
-        from ..diffusion.defaults import set_sampling_defaults_
-        from ..testbed import TESTBED, WEIGHTS
-        return set_sampling_defaults_(load_model(WEIGHTS), TESTBED)
+    from ..testbed import EMBEDDED
+    if spec in EMBEDDED:
+        from ..diffusion.defaults import TESTBED, set_sampling_defaults_
+        return set_sampling_defaults_(load_model(EMBEDDED[spec]), TESTBED)
     path = Path(spec)
     if path.is_dir():
         from .family_load import load_family_transformer, transformer_class
@@ -28,5 +28,5 @@ def load(spec):
         return load_official(path)
     if path.suffix in (".safetensors", ".json") or path.with_suffix(".json").exists():
         return load_model(path)
-    raise FileNotFoundError(f"no model at {spec!r}: give 'default', a .safetensors/.json pair, "
+    raise FileNotFoundError(f"no model at {spec!r}: give 'default', 'deep', a .safetensors/.json pair, "
                             "an official .pt checkpoint or a diffusers folder")

@@ -78,9 +78,25 @@ def load_or_collect(model, cache_dir=DEFAULT_CACHE, **options):
 
 def spread_rows(calibration, rows, model=None):
     """`rows` calibration rows spread evenly over the set (it is ordered by sampling step)."""
+    return split_rows(calibration, (rows,), model)[0]
+
+
+def split_rows(calibration, counts, model=None):
+    """Disjoint row sets of the calibration set: `counts[0]` rows spread evenly over it, `counts[1]` spread
+    over the rows left, ..., then every row left (the held-out rows, possibly none).
+
+    Why: a search scores its candidates on the first set; a refinement that picks among configurations
+    on rows the search never saw, and a held-out error measured on rows neither saw, tell whether a
+    choice generalises or was fitted to its rows."""
     adapter = DiTAdapter() if model is None else adapter_for(model)
-    total = adapter.num_rows(calibration)
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= total:
-        raise ValueError(f"calibration_rows must be in 1..{total}, got {rows!r}")
-    index = torch.linspace(0, total - 1, rows).round().long()
-    return adapter.select_rows(calibration, index)
+    left = torch.arange(adapter.num_rows(calibration))
+    parts = []
+    for name, count in zip(("calibration_rows", "refine_rows"), counts):
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(left):
+            unused = " (the rows the search does not score)" if parts else ""
+            raise ValueError(f"{name} must be in 1..{len(left)}{unused}, got {count!r}")
+        chosen = torch.linspace(0, len(left) - 1, count).round().long()
+        parts.append(left[chosen])
+        left = left[torch.isin(torch.arange(len(left)), chosen, invert=True)]
+    parts.append(left)
+    return [adapter.select_rows(calibration, index) for index in parts]

@@ -60,6 +60,13 @@ class _AdditiveCost:
         return self._to_average(total, self.total_weight)
 
     def total_from_average(self, bits):
+        return self._from_average(bits, self.total_weight)
+
+    def segment_total(self, bits, layers):
+        """The summed cost of `layers` all at `bits` average bits: a segment's share of a budget."""
+        return self._from_average(bits, sum(self.weights[name] for name in layers))
+
+    def _from_average(self, bits, weight):
         raise NotImplementedError
 
     def _to_average(self, total, weight):
@@ -75,8 +82,8 @@ class BopsCost(_AdditiveCost):
         w_bits, a_bits = (_cost_bits(b) for b in bits)
         return self.weights[name] * w_bits * a_bits
 
-    def total_from_average(self, bits):
-        return bits * bits * self.total_weight
+    def _from_average(self, bits, weight):
+        return bits * bits * weight
 
     def _to_average(self, total, weight):
         return math.sqrt(total / weight)
@@ -90,8 +97,8 @@ class MemoryCost(_AdditiveCost):
     def layer_cost(self, name, bits):
         return self.weights[name] * _cost_bits(bits[0])
 
-    def total_from_average(self, bits):
-        return bits * self.total_weight
+    def _from_average(self, bits, weight):
+        return bits * weight
 
     def _to_average(self, total, weight):
         return total / weight

@@ -20,6 +20,20 @@ def mse_per_row(output, reference):
     return (output - reference).pow(2).flatten(1).mean(dim=1)
 
 
+def output_error(model, calibration, config, *, batch_size=64, metric=mse_per_row):
+    """The metric of `config` at the model output against full precision, averaged over every row of
+    `calibration`: what a search's choice is judged by on rows it did not score. Leaves `model` at `config`."""
+    adapter = adapter_for(model)
+    device = next(model.parameters()).device
+    batches = list(adapter.batches(calibration, batch_size, device))
+    with torch.no_grad():
+        set_bits_(model, {})
+        reference = [adapter.forward(model, inputs) for inputs in batches]
+        set_bits_(model, config)
+        errors = [metric(adapter.forward(model, inputs), fp) for inputs, fp in zip(batches, reference)]
+    return torch.cat(errors).mean().item()
+
+
 class ModelObjective:
     """score(start, end, assignments) -> metrics for a model whose every quantizable layer is a QuantLinear.
 

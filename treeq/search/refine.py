@@ -6,7 +6,8 @@ unused and keep choices that only looked good in that environment. One sweep vis
 in execution order and scores each of its other candidates that keep the whole configuration
 within the budget, end to end (the root's metric: the model output against FP), keeping the best
 when it lowers the metric. Candidates of one layer share every layer before it, so the scorer
-re-runs only the blocks from that layer on.
+re-runs only the blocks from that layer on. Refining on the rows the search scored overfits them
+(measured at W4A4, docs/RESULTS.md); run_search can give the refinement rows of its own.
 """
 import time
 from dataclasses import replace
@@ -25,7 +26,9 @@ def refine(scorer, space, cost, target, result, sweeps=1):
     costs = _leaf_costs(space, cost)
     current = [pairs.index(pair) for pairs, pair in zip(space.candidates, space.assignment(result.config))]
     total = sum(row[j] for row, j in zip(costs, current))
-    metric, evaluations = _finite(result.metric), 0
+    # Scored again: the scorer may hold other rows than the search's (run_search's refine_rows), and
+    # a baseline's metric need not be the end-to-end one.
+    metric, evaluations = _finite(scorer.score(0, len(space), [_assignment(space, current)])[0]), 1
     for _ in range(sweeps):
         improved = False
         for i, row in enumerate(costs):

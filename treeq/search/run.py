@@ -13,13 +13,15 @@ import torch
 
 from ..bits import save_config, uniform_config
 from ..io import atomic_write
+from ..models.adapters import adapter_for
 from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
-from .objective import ModelObjective
+from .objective import ModelObjective, output_error
 from .refine import refine
 from .space import DEFAULT_CANDIDATES, SearchSpace, parse_candidates
 from .state import LoggedScorer
+from .pareto import BUDGET_WINDOW
 from .tree import expected_evaluations, tree_search
 
 METHODS = ("tss", "ilp", "evo", "greedy", "random", "uniform")
@@ -31,18 +33,21 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
-               calibration=None):
+               calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
-    refine_sweeps: coordinate-descent sweeps on the end-to-end metric after the search (search/refine.py).
+    refine_sweeps: coordinate-descent sweeps on the end-to-end metric after the search (search/refine.py),
+    on `refine_rows` calibration rows the search did not score (None: on the scored rows).
+    budget_window: tree search only, see tree.tree_search. Every method's configuration is then measured
+    on the held-out rows (those neither scored nor refined on): `held_out_metric` in the results file.
     seed_ilp: tree search only: run the integer program first (its scores logged to <stem>.ilp.log.jsonl)
     and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp".
     model, calibration: the full-precision model and its calibration inputs, when the caller holds them
     (the Python API); by default the recipe's model is loaded and its calibration collected (and cached)."""
     from ..models.load import load
     from ..ptq.apply import quantize
-    from ..ptq.calibration import load_or_collect, spread_rows
+    from ..ptq.calibration import load_or_collect, split_rows
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
@@ -57,6 +62,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
     _check_settings(out, method, resume, queue_size, evaluations, env_bits)
+    if refine_rows is not None and not refine_sweeps:
+        raise ValueError("refine_rows are the rows a refinement scores; give refine_sweeps too")
     recipe = recipe or SEARCH_RECIPE
     model = load(recipe.model) if model is None else model
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
@@ -75,7 +82,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         calibration = load_or_collect(model, **recipe.calibration_options())
     if distributed and writer:
         torch.distributed.barrier()
-    rows = spread_rows(calibration, calibration_rows, model)  # a bad row count is refused before quantizing
+    # A bad row count is refused before quantizing.
+    rows, *refined, held_out = split_rows(calibration, (calibration_rows, *([refine_rows] if refine_rows else [])), model)
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
@@ -95,7 +103,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             objective.set_env_bits(env_bits)
         seeds = [space.assignment(hawq.config)] if hawq else []
         result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
-                             log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds)
+                             log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds,
+                             budget_window=budget_window)
         if hawq:
             result = replace(result, method="tss+ilp", evaluations=result.evaluations + hawq.evaluations,
                              seconds=result.seconds + hawq.seconds)
@@ -108,15 +117,19 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         else:
             result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
     if refine_sweeps:
-        result = refine(scorer, space, costs, bits, result, refine_sweeps)
+        refiner = ModelObjective(quantized, refined[0], env_bits, readout_blocks=None) if refined else scorer
+        result = refine(refiner, space, costs, bits, result, refine_sweeps)
+    held_out_metric = output_error(quantized, held_out, result.config) if adapter_for(model).num_rows(held_out) else None
     if writer:
         save_config(result.config, out)
         settings = {"recipe": recipe.to_dict(), "target": bits, "method": method, "env_bits": env_bits,
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
                     if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": objective.rows,
                     "readout_blocks": readout_blocks, "cost": cost, "seed": seed,
-                    "refine_sweeps": refine_sweeps, "seed_ilp": seed_ilp}
-        text = json.dumps({"settings": settings, **result.summary(), "front": result.front}, indent=1)
+                    "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "seed_ilp": seed_ilp,
+                    "budget_window": budget_window if method == "tss" else None}
+        text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
+                           "held_out_rows": adapter_for(model).num_rows(held_out), "front": result.front}, indent=1)
         atomic_write(f"{stem}.results.json", lambda p: p.write_text(text))
         if method == "tss":
             from .plots import plot_front, plot_levels

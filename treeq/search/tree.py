@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from .pareto import non_dominated_layers, pareto_drop
+from .cost import parse_target
+from .pareto import BUDGET_WINDOW, non_dominated_layers, pareto_drop
 from .result import SearchResult
 from .space import budget_for
 from .state import SearchState
@@ -60,7 +61,7 @@ def expected_evaluations(space, queue_size):
 
 
 def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, log_path=None, resume=False,
-                progress=True, chunk_size=64, writer=None, seeds=()):
+                progress=True, chunk_size=64, writer=None, seeds=(), budget_window=BUDGET_WINDOW):
     """Search `space` for the lowest-metric configuration within `target` average bits.
 
     scorer.score(start, end, assignments) -> metrics: one per assignment, an assignment being the
@@ -83,13 +84,16 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
         raise ValueError("a seed must assign every layer and keep the budget")
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+    if budget_window is not None and (isinstance(budget_window, bool) or not isinstance(budget_window, (int, float))
+                                      or not budget_window >= 0):
+        raise ValueError(f"budget_window must be None or a number of bits >= 0, got {budget_window!r}")
     writer = _is_rank_zero() if writer is None else writer
     leaf_costs = [[cost.layer_cost(name, pair) for pair in pairs]
                   for name, pairs in zip(space.layers, space.candidates)]
     cheapest = list(itertools.accumulate((min(costs) for costs in leaf_costs), initial=0))
     levels = tree_levels(len(space))
     settings = {"layers": space.layers, "candidates": space.candidates, "cost": cost.name, "budget": budget,
-                "queue_size": queue_size, "scorer": getattr(scorer, "settings", None),
+                "queue_size": queue_size, "budget_window": budget_window, "scorer": getattr(scorer, "settings", None),
                 **({"seeds": [[list(pair) for pair in seed] for seed in seeds]} if seeds else {})}
     state = SearchState(settings, state_path, log_path, resume=resume, writer=writer)
     evaluations, started = state.evaluations, time.perf_counter()
@@ -126,7 +130,8 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                         state.save_progress(level_index, index, metrics)
                 evaluations += len(feasible)
                 scored = [c._replace(metric=m) for c, m in zip(feasible, metrics)]
-                kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], queue_size)
+                kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], queue_size,
+                                            _window(cost, space.layers[start:end], target, budget_window))
                 protected = {seed[start:end] for seed in seeds}
                 kept = sorted(kept + [i for i in dropped if scored[i].bits in protected],
                               key=lambda i: (scored[i].cost, scored[i].metric, i))
@@ -163,6 +168,14 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
         front=[{"average_bits": cost.average_bits(c.cost), "metric": c.metric, "config": space.config(c.bits)}
                for c in front],
         levels=records)
+
+
+def _window(cost, segment, target, width):
+    """The cost interval of `segment` at target -+ width average bits, or None without a width."""
+    if width is None:
+        return None
+    bits = parse_target(target)
+    return cost.segment_total(max(0.0, bits - width), segment), cost.segment_total(bits + width, segment)
 
 
 def _score(scorer, start, end, assignments):
