@@ -312,6 +312,7 @@ _BENCHES = {
     "ablation": ("paper", "bench_ablation", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                                        **_settings(a, "targets")}),
     "depth": ("search_analysis", "bench_depth", lambda a: {}),
+    "search-cost": ("search_cost", "bench_search_cost", lambda a: {"device": a.device, "seed": a.seed}),
     # parts (blocks, quantize, tiny) and families (pixart, sd3, flux, sana, wan) in --settings; one thread
     "families": ("families", "bench_families", lambda a: {"seed": a.seed, **_settings(a, "settings")}),
     "locality": ("search_analysis", "bench_locality", lambda a: {"model": a.model or "default"}),

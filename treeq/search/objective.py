@@ -34,6 +34,14 @@ def output_error(model, calibration, config, *, batch_size=64, metric=mse_per_ro
     return torch.cat(errors).mean().item()
 
 
+def _tensors(value):
+    """Every tensor in a (nested) list, tuple or dict of them."""
+    if torch.is_tensor(value):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [tensor for item in items for tensor in _tensors(item)]
+
+
 class ModelObjective:
     """score(start, end, assignments) -> metrics for a model whose every quantizable layer is a QuantLinear.
 
@@ -92,8 +100,7 @@ class ModelObjective:
         """One metric per assignment: the (w, a) pairs of layers start..end-1, all others at env_bits."""
         if not 0 <= start < end <= len(self.layers):
             raise ValueError(f"segment [{start}, {end}) is outside the {len(self.layers)} layers")
-        first, last = self.block_of[start], self.block_of[end - 1]
-        stop = self.depth if self.readout_blocks is None else min(self.depth, last + 1 + self.readout_blocks)
+        first, stop = self.block_of[start], self.stop_block(start, end)
         metrics, previous, trail = [], None, None
         with torch.no_grad():
             self._set_environment()
@@ -120,6 +127,18 @@ class ModelObjective:
             finally:
                 self._set_environment()
         return metrics
+
+    def stop_block(self, start, end):
+        """The block where scoring a candidate of layers start..end-1 stops (its readout; depth: the output)."""
+        last = self.block_of[end - 1]
+        return self.depth if self.readout_blocks is None else min(self.depth, last + 1 + self.readout_blocks)
+
+    def cache_bytes(self):
+        """Bytes of the float states the scorer holds: FP readouts after every block and the output, and
+        the states entering blocks cached so far (at most depth per env_bits; block 0's is the embedding)."""
+        tensors = {id(t): t for part in (*self._reference.values(), *self._entering_cache.values(), self._embedded)
+                   for t in _tensors(part)}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def entering(self, block):
         """The state entering `block` with every layer at env_bits (per row batch), cached per (block, env_bits).

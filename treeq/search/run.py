@@ -6,6 +6,7 @@ search, the plots. Under torchrun (WORLD_SIZE > 1) candidates are split across r
 """
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ..models.adapters import adapter_for
 from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
+from .estimate import describe, estimate_tree_search
 from .objective import ModelObjective, output_error
 from .refine import refine
 from .space import DEFAULT_CANDIDATES, SearchSpace, parse_candidates
@@ -102,6 +104,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             hawq = ilp(LoggedScorer(scorer, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs, bits)
             objective.set_env_bits(env_bits)
         seeds = [space.assignment(hawq.config)] if hawq else []
+        if progress and writer and not resume:
+            print(describe(estimate_tree_search(objective, space, queue_size)), file=sys.stderr, flush=True)
         result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
                              log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds,
                              budget_window=budget_window)

@@ -42,22 +42,39 @@ def tree_levels(num_leaves):
     return levels
 
 
+class Node(NamedTuple):
+    """A scored node of the tree as a search's cost sees it: its segment, where its children meet
+    (a leaf: its start), and the candidates it scores at most, in `groups` runs that share the left
+    child's part (product order, left child major; a leaf: every candidate its own run)."""
+    start: int
+    middle: int
+    end: int
+    candidates: int
+    groups: int
+
+
 def expected_evaluations(space, queue_size):
     """Upper bound of the evaluations of a search (budget pruning only lowers it): the progress bar's total."""
+    return sum(node.candidates for node in scored_nodes(space, queue_size))
+
+
+def scored_nodes(space, queue_size):
+    """Every scored node (leaves first) with the bound of its candidates: expected_evaluations node by
+    node, from which the search's time is estimated before it scores (search/estimate.py)."""
     levels = tree_levels(len(space))
     sizes = [min(queue_size, len(pairs)) for pairs in space.candidates]
-    total = sum(len(pairs) for pairs in space.candidates)
-    for level in levels[1:]:
+    nodes = [Node(i, i, i + 1, len(pairs), len(pairs)) for i, pairs in enumerate(space.candidates)]
+    for below, level in zip(levels, levels[1:]):
         next_sizes = []
-        for _, _, children in level:
+        for start, end, children in level:
             if len(children) == 2:
-                product = sizes[children[0]] * sizes[children[1]]
-                total += product
-                next_sizes.append(min(queue_size, product))
+                left, right = sizes[children[0]], sizes[children[1]]
+                nodes.append(Node(start, below[children[0]][1], end, left * right, left))
+                next_sizes.append(min(queue_size, left * right))
             else:
                 next_sizes.append(sizes[children[0]])
         sizes = next_sizes
-    return total
+    return nodes
 
 
 def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, log_path=None, resume=False,
