@@ -3,8 +3,10 @@
 #   OUT=folder scripts/gpu_measurements.sh
 # Each step has its own time limit and writes its output under $OUT, so a failing or slow step
 # leaves the others' figures. PY: the Python with torch + CUDA (default python3); SIZE, INIT_ARGS,
-# DEVICE, NUM: a smaller model, the CPU, fewer samples, for trying the script.
+# DEVICE, NUM: a smaller model, the CPU, fewer samples, for trying the script. STEPS: the steps to run
+# (default all, the search's first: a full tree search on DiT-XL/2 needs most of a 15-minute lease).
 set -u
+STEPS=${STEPS:-"search_cost search gpu_kernels xl sample1000"}
 PY=${PY:-python3}
 OUT=${OUT:-runs/gpu}
 WORK=${WORK:-/tmp/treeq-gpu}
@@ -17,26 +19,27 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 step() {  # step NAME SECONDS COMMAND...: run, keep its output in $OUT/NAME.txt, report its time and status
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
   local start=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - start )) s"; tr "\r" "\n" < "$OUT/$name.txt" | tail -n 3
 }
-if [ "$DEVICE" = cuda ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  step gpu_kernels 60 $PY -m treeq bench gpu-kernels --json
-fi
+if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-step init 100 bash -c "$PY -m treeq init --size $SIZE $INIT_ARGS --out $WORK/xl.pt && $PY -m treeq init --size vae $VAE_ARGS --out $WORK/vae"
-step xl 190 $PY -m treeq bench xl --device $DEVICE --model "$WORK/xl.pt" --json
-step sample1000 150 $PY -m treeq sample --model "$WORK/xl.pt" --vae "$WORK/vae" --device $DEVICE --dtype bfloat16 \
-    --num-samples $NUM --steps 50 --batch-size 125 --quiet --out "$WORK/s1000"
-# The search: GPU memory while it runs (nvidia-smi every 0.5 s) and candidates scored within its limit.
+STEPS="init $STEPS" step init 100 bash -c "$PY -m treeq init --size $SIZE $INIT_ARGS --out $WORK/xl.pt && $PY -m treeq init --size vae $VAE_ARGS --out $WORK/vae"
+# The search at DiT-XL/2's real cost: one block run measured, the 28-block search's count and memory.
+step search_cost 120 $PY -m treeq bench search-cost --device $DEVICE --json
+# A full tree search (it prints its own time estimate first), GPU memory sampled every 0.5 s.
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/search_gpu_mb.txt" &
 fi
-step search 120 $PY -m treeq search --model "$WORK/xl.pt" --target W4A4 --method tss --device $DEVICE \
+step search 540 $PY -m treeq search --model "$WORK/xl.pt" --target W4A4 --method tss --device $DEVICE \
     --calibration-images 4 --calibration-timesteps 4 --out "$WORK/search/bits.json"
 kill %1 2>/dev/null
 echo "search: $(cat "$WORK"/search/bits.log.jsonl 2>/dev/null | wc -l) candidates scored;" \
      "peak GPU MiB (nvidia-smi): $(sort -n "$OUT/search_gpu_mb.txt" 2>/dev/null | tail -1)"
+[ "$DEVICE" = cuda ] && step gpu_kernels 60 $PY -m treeq bench gpu-kernels --json
+step xl 190 $PY -m treeq bench xl --device $DEVICE --model "$WORK/xl.pt" --json
+step sample1000 150 $PY -m treeq sample --model "$WORK/xl.pt" --vae "$WORK/vae" --device $DEVICE --dtype bfloat16 \
+    --num-samples $NUM --steps 50 --batch-size 125 --quiet --out "$WORK/s1000"

@@ -76,3 +76,27 @@ def test_sweeps_must_be_positive(problem):
     space, cost, scorer = problem
     with pytest.raises(ValueError, match="sweeps must be a positive int"):
         refine(scorer, space, cost, 4.0, _result(space, [(4, 4)] * 6, scorer), sweeps=0)
+
+
+def test_an_exchange_trades_bits_between_layers_that_coordinate_descent_cannot(problem):
+    from treeq.search.refine import exchange
+    space, cost, scorer = problem
+    # The budget spent, badly: layer 0 at 6 bits, layer 1 at 3 (doubling layer 2's error). Every single
+    # move within the budget lowers one layer only by raising none, so coordinate descent is stuck.
+    start = _result(space, [(6, 6), (3, 3), (4, 4), (4, 4), (3, 3), (4, 4)], scorer)
+    stuck = refine(scorer, space, cost, 4.0, start, sweeps=2)
+    traded = exchange(scorer, space, cost, 4.0, start, rounds=2)
+    assert traded.metric < stuck.metric <= start.metric
+    assert traded.average_bits <= 4.0 and traded.method == "tss+exchange"
+    assert traded.metric == pytest.approx(scorer.score(0, 6, [tuple(
+        (e["w_bits"], e["a_bits"]) for e in traded.config.values())])[0])
+
+
+def test_an_exchange_that_does_not_help_keeps_the_configuration(problem):
+    from treeq.search.refine import exchange
+    space, cost, scorer = problem
+    best = _result(space, [(4, 4)] * 6, scorer)
+    kept = exchange(scorer, space, cost, 4.0, best, rounds=3)
+    assert kept.config == best.config and kept.metric == pytest.approx(best.metric)
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        exchange(scorer, space, cost, 4.0, best, rounds=0)

@@ -356,7 +356,7 @@ def cmd_search(args):
                         evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost,
                         device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp,
                         budget_window=None if args.budget_window < 0 else args.budget_window,
-                        refine_rows=args.refine_rows)
+                        refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds)
     print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
@@ -391,8 +391,11 @@ def _add_search(sub):
     search.add_argument("--refine-sweeps", type=number(int, 0), default=0,
                         help="after the search, this many coordinate-descent sweeps on the end-to-end metric "
                              "within the budget (0: none)")
+    search.add_argument("--exchange-rounds", type=number(int, 0), default=0,
+                        help="after the search, this many budget exchanges: every layer's candidates scored around "
+                             "the current configuration, then the integer program on them (0: none)")
     search.add_argument("--refine-rows", type=COUNT, default=None,
-                        help="with --refine-sweeps: refine on this many calibration rows the search did not score "
+                        help="with --refine-sweeps or --exchange-rounds: refine on this many calibration rows the search did not score "
                              "(default: on the scored rows)")
     search.add_argument("--budget-window", type=number(float, -1), default=BUDGET_WINDOW,
                         help="tss: each queue keeps candidates within this many average bits of the segment's share "

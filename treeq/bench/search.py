@@ -13,6 +13,7 @@ tree search's root front and random configurations at the same costs.
 """
 import json
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,10 +33,12 @@ from ..search.space import DEFAULT_CANDIDATES
 TARGETS = ("W4A4", "W3A3")
 REFINE_SWEEPS = 2
 REFINE_ROWS = 32
+EXCHANGE_ROUNDS = 2
 SCORED_ROWS = 16  # run_search's default calibration_rows
 # bench row -> run_search's method and options. tss before evo and random: they match its count.
 # tss-plain: the tree with the plain Pareto drop (no budget window). tss+refine: the tree's result
 # refined by coordinate descent on REFINE_ROWS rows the search did not score (search/refine.py).
+# tss+exchange: the tree's result improved by budget exchanges on the same rows (refine.exchange).
 # tss+ilp: the tree seeded with the integer program's configuration (run_search's seed_ilp).
 SEARCHES = {
     "uniform": {"method": "uniform"},
@@ -44,11 +47,15 @@ SEARCHES = {
     "tss-plain": {"method": "tss", "budget_window": None},
     "tss": {"method": "tss"},
     "tss+refine": {"method": "tss", "refine_sweeps": REFINE_SWEEPS, "refine_rows": REFINE_ROWS},
+    "tss+exchange": {"method": "tss", "exchange_rounds": EXCHANGE_ROUNDS, "refine_rows": REFINE_ROWS},
     "tss+ilp": {"method": "tss", "seed_ilp": True},
     "evo": {"method": "evo"},
     "random": {"method": "random"},
 }
 METHODS = tuple(SEARCHES)
+# Rows that refine the tree of another row: they start from that row's finished tree (its state and log
+# copied, then resumed), so the tree is scored once.
+REFINES = {"tss+refine": "tss", "tss+exchange": "tss"}
 FOLDER = Path("runs") / "bench-search"
 
 
@@ -68,8 +75,13 @@ def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECI
     out = Path(folder) / f"{name or f'{target}-{method}'}.json"
     results = out.with_suffix(".results.json")
     if not results.exists():
+        tree = Path(folder) / f"{target}-{REFINES.get(method)}.json"
+        resume = method in REFINES and not options and env_bits is None and tree.with_suffix(".results.json").exists()
+        if resume:
+            for suffix in (".state.json", ".log.jsonl"):
+                shutil.copyfile(tree.with_suffix(suffix), out.with_suffix(suffix))
         run_search(recipe, target, out=out, evaluations=evaluations, env_bits=env_bits, progress=False,
-                   **{**SEARCHES[method], **options})
+                   resume=resume, **{**SEARCHES[method], **options})
     return load_config(out), json.loads(results.read_text())
 
 

@@ -20,7 +20,7 @@ from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .estimate import describe, estimate_tree_search
 from .objective import ModelObjective, output_error
-from .refine import refine
+from .refine import exchange, refine
 from .space import DEFAULT_CANDIDATES, SearchSpace, parse_candidates
 from .state import LoggedScorer
 from .pareto import BUDGET_WINDOW
@@ -35,12 +35,13 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
-               calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None):
+               calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
     refine_sweeps: coordinate-descent sweeps on the end-to-end metric after the search (search/refine.py),
-    on `refine_rows` calibration rows the search did not score (None: on the scored rows).
+    on `refine_rows` calibration rows the search did not score (None: on the scored rows); before them,
+    `exchange_rounds` budget exchanges on the same rows (refine.exchange).
     budget_window: tree search only, see tree.tree_search. Every method's configuration is then measured
     on the held-out rows (those neither scored nor refined on): `held_out_metric` in the results file.
     seed_ilp: tree search only: run the integer program first (its scores logged to <stem>.ilp.log.jsonl)
@@ -64,8 +65,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
     _check_settings(out, method, resume, queue_size, evaluations, env_bits)
-    if refine_rows is not None and not refine_sweeps:
-        raise ValueError("refine_rows are the rows a refinement scores; give refine_sweeps too")
+    if refine_rows is not None and not (refine_sweeps or exchange_rounds):
+        raise ValueError("refine_rows are the rows a refinement scores; give refine_sweeps or exchange_rounds too")
     recipe = recipe or SEARCH_RECIPE
     model = load(recipe.model) if model is None else model
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
@@ -120,8 +121,10 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             result = search(scorer, space, costs, bits, evaluations, seed=seed)
         else:
             result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
+    refiner = ModelObjective(quantized, refined[0], env_bits, readout_blocks=None) if refined else scorer
+    if exchange_rounds:
+        result = exchange(refiner, space, costs, bits, result, exchange_rounds)
     if refine_sweeps:
-        refiner = ModelObjective(quantized, refined[0], env_bits, readout_blocks=None) if refined else scorer
         result = refine(refiner, space, costs, bits, result, refine_sweeps)
     held_out_metric = output_error(quantized, held_out, result.config) if adapter_for(model).num_rows(held_out) else None
     if writer:
@@ -130,7 +133,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
                     if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": objective.rows,
                     "readout_blocks": readout_blocks, "cost": cost, "seed": seed,
-                    "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "seed_ilp": seed_ilp,
+                    "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
                     "budget_window": budget_window if method == "tss" else None}
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
                            "held_out_rows": adapter_for(model).num_rows(held_out), "front": result.front}, indent=1)
