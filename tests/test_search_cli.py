@@ -160,4 +160,4 @@ def test_a_search_reports_its_error_on_rows_it_did_not_score(tiny_path, tmp_path
 def test_refine_rows_without_sweeps_are_refused(tiny_path, tmp_path, capsys):
     argv = ["search", "--model", tiny_path, *FAST, "--refine-rows", "2", "--out", str(tmp_path / "b.json")]
     assert main(argv) == 2
-    assert "give refine_sweeps too" in capsys.readouterr().err
+    assert "give refine_sweeps or exchange_rounds too" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from .cost import cost_model, parse_target
 from .estimate import describe, estimate_tree_search
 from .objective import ModelObjective, output_error
 from .refine import exchange, refine
-from .space import DEFAULT_CANDIDATES, SearchSpace, parse_candidates
+from .space import DEFAULT_CANDIDATES, SearchSpace, budget_for, parse_candidates
 from .state import LoggedScorer
 from .pareto import BUDGET_WINDOW
 from .tree import expected_evaluations, tree_search
@@ -71,6 +71,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     model = load(recipe.model) if model is None else model
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
     costs = cost_model(model, cost)
+    budget_for(space, costs, bits)  # an impossible budget is refused before calibrating and quantizing
     # Per-bit state (GPTQ codes, static scales) for every candidate and the environment, so the scorer
     # can switch any layer to any of them in place.
     switch = {pair for layer in space.candidates for pair in layer} | {(env_bits, env_bits)}
