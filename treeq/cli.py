@@ -316,6 +316,7 @@ _BENCHES = {
     # parts (blocks, quantize, tiny) and families (pixart, sd3, flux, sana, wan) in --settings; one thread
     "families": ("families", "bench_families", lambda a: {"seed": a.seed, **_settings(a, "settings")}),
     "locality": ("search_analysis", "bench_locality", lambda a: {"model": a.model or "default"}),
+    "additivity": ("search_analysis", "bench_additivity", lambda a: {"model": a.model or "default", "seed": a.seed}),
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
     # its own sample counts (64 testbed images, 8 DiT-XL/2 ones)
     "deploy": ("deploy", "bench_deploy", lambda a: {"seed": a.seed}),
@@ -575,7 +576,7 @@ def build_parser():
                             "blocks,quantize,tiny,pixart,sd3")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="xl: cpu, cuda or cuda:N")
     bench.add_argument("--model", default=None, help="xl: a DiT-XL/2 checkpoint (default: random weights); search, "
-                       "locality: the testbed (default, or deep: 28 blocks like DiT-XL/2)")
+                       "locality, additivity: the testbed (default, or deep: 28 blocks like DiT-XL/2)")
     bench.add_argument("--methods", default=None, help="search: the rows to run, e.g. ilp,tss (default: all)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)

@@ -1,12 +1,15 @@
-"""Two questions about the search that need no sampling: how its cost grows with depth, and how local
-the coupling between layers is on the testbed (TreeQ paper, Fig. 2b).
+"""Three questions about the search that need no sampling: how its cost grows with depth, how additive
+its metric is, and how local the coupling between layers is on a testbed (TreeQ paper, Fig. 2b).
 
 `treeq bench depth`: evaluations a tree search actually scores on random DiTs of 4..28 blocks (a
 random scorer suffices for counting; budget pruning is real), against the exhaustive |C|^n.
+`treeq bench additivity`: the model-output error of two quantized layers against the sum of each alone,
+and of random configurations against the integer program's sum of single-layer sensitivities.
 `treeq bench locality`: relative L2 error of every block's output when only blocks.0.attn.qkv is
 quantized (W4A4, the search's recipe), on calibration inputs of the testbed.
 """
 import math
+from dataclasses import replace
 
 import torch
 
@@ -65,3 +68,52 @@ def bench_locality(layer="blocks.0.attn.qkv", bits=(4, 4), rows=64, model="defau
                 outputs[label].append(hidden)
     return [{"block": block, "relative_l2_error": ((q - f).norm() / f.norm()).item()}
             for block, (f, q) in enumerate(zip(outputs["fp"], outputs["quantized"]))]
+
+
+def bench_additivity(model="default", low=(3, 3), distances=(1, 2, 5, 10, 20), pairs=8, configs=20, rows=16,
+                     seed=0):
+    """Is the search metric additive over layers, as the integer program assumes? Rows:
+    {kind, distance, count, joint_over_sum_mean, joint_over_sum_min, joint_over_sum_max, spearman}.
+
+    pair rows: two layers `distance` apart at `low`, the rest in full precision: the model-output error of
+    both together over the sum of each alone (1 = additive; > 1 the pair couples). config row: random
+    configurations of the W3A3 candidates, the end-to-end error against the sum of single-layer
+    sensitivities (the integer program's objective): their Spearman rank correlation and the ratio."""
+    import random
+
+    from scipy.stats import spearmanr
+
+    from ..search.objective import ModelObjective
+
+    fp = load(model)
+    calibration = load_or_collect(fp, **SEARCH_RECIPE.calibration_options())
+    candidates = DEFAULT_CANDIDATES[3.0]
+    recipe = replace(SEARCH_RECIPE, switch_bits=sorted(set(candidates) | {low}))
+    quantized = quantize(fp, uniform_config(fp, *low), recipe, calibration=calibration)
+    objective = ModelObjective(quantized, spread_rows(calibration, rows, fp), 32, readout_blocks=None)
+    n, full = len(objective.layers), (32, 32)
+
+    def error(assignment):
+        return objective.score(0, n, [tuple(assignment)])[0]
+
+    single = {(i, pair): error([full] * i + [pair] + [full] * (n - i - 1)) for i in range(n) for pair in candidates}
+    rng = random.Random(seed)
+    table = []
+    for distance in distances:
+        ratios = []
+        for i in rng.sample(range(n - distance), min(pairs, n - distance)):
+            both = [full] * n
+            both[i] = both[i + distance] = low
+            ratios.append(error(both) / (single[i, low] + single[i + distance, low]))
+        table.append({"kind": "pair", "distance": distance, "count": len(ratios), **_spread(ratios), "spearman": None})
+    drawn = [[rng.choice(candidates) for _ in range(n)] for _ in range(configs)]
+    true = [error(assignment) for assignment in drawn]
+    predicted = [sum(single[i, pair] for i, pair in enumerate(assignment)) for assignment in drawn]
+    table.append({"kind": "config", "distance": None, "count": configs,
+                  **_spread([t / p for t, p in zip(true, predicted)]), "spearman": spearmanr(true, predicted).statistic})
+    return table
+
+
+def _spread(ratios):
+    return {"joint_over_sum_mean": sum(ratios) / len(ratios), "joint_over_sum_min": min(ratios),
+            "joint_over_sum_max": max(ratios)}
