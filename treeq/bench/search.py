@@ -77,9 +77,11 @@ def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECI
     if not results.exists():
         tree = Path(folder) / f"{target}-{REFINES.get(method)}.json"
         resume = method in REFINES and not options and env_bits is None and tree.with_suffix(".results.json").exists()
-        if resume:
+        if resume and not out.with_suffix(".state.json").exists():
             for suffix in (".state.json", ".log.jsonl"):
                 shutil.copyfile(tree.with_suffix(suffix), out.with_suffix(suffix))
+        # An interrupted tree search continues where it stopped.
+        resume = resume or (SEARCHES[method]["method"] == "tss" and out.with_suffix(".state.json").exists())
         run_search(recipe, target, out=out, evaluations=evaluations, env_bits=env_bits, progress=False,
                    resume=resume, **{**SEARCHES[method], **options})
     return load_config(out), json.loads(results.read_text())
