@@ -55,6 +55,26 @@ def test_ilp_accepts_a_config_exactly_at_the_budget():
     assert result.average_bits <= 4.0 + 1e-12
 
 
+
+def test_what_the_solver_prints_stays_off_standard_output(monkeypatch, capfd):
+    """HiGHS writes some diagnostics to descriptor 1 from C++; `--json` output must stay parseable."""
+    import os
+
+    import scipy.optimize
+
+    real = scipy.optimize.milp
+
+    def chatty(*args, **kwargs):
+        os.write(1, b"solver chatter\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "milp", chatty)
+    space, cost = problem()
+    ilp(AdditiveScorer(len(space), 0), space, cost, 4.0)
+    out, err = capfd.readouterr()
+    assert "solver chatter" not in out and "solver chatter" in err
+
+
 def test_sensitivities_score_each_layer_alone():
     space, _ = problem(n=3)
     scorer = AdditiveScorer(3, 1)

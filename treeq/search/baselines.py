@@ -5,8 +5,11 @@ program, solved with scipy's MILP), evolutionary search (as Q-DiT) and random se
 take an evaluation budget so they can be given as many evaluations as tree search used.
 """
 import math
+import os
 import random
+import sys
 import time
+from contextlib import contextmanager
 from functools import reduce
 
 import numpy as np
@@ -57,6 +60,23 @@ def greedy(scorer, space, cost, target):
     return _result("greedy", space, cost, assignment, metric, evaluations, started)
 
 
+@contextmanager
+def solver_output_to_stderr():
+    """Send what is written to file descriptor 1 inside the block to descriptor 2.
+
+    Why: HiGHS (scipy's milp) prints some diagnostics from C++ straight to descriptor 1, whatever its
+    `disp` option says, and they would corrupt what `--json` commands print on standard output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def ilp(scorer, space, cost, target):
     """HAWQ-style integer program: minimise the sum of single-layer sensitivities within the budget.
 
@@ -87,9 +107,10 @@ def ilp(scorer, space, cost, target):
         column += len(row)
     budget_row = np.array([[int(c) // unit for c in flat_costs]], dtype=float)
     limit = math.floor(budget * (1 + 1e-9) / unit)
-    solution = milp(objective, integrality=np.ones(len(objective)), bounds=Bounds(0, 1),
-                    constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(budget_row, -np.inf, limit)],
-                    options={"mip_rel_gap": 0.0})
+    with solver_output_to_stderr():
+        solution = milp(objective, integrality=np.ones(len(objective)), bounds=Bounds(0, 1),
+                        constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(budget_row, -np.inf, limit)],
+                        options={"mip_rel_gap": 0.0})
     if not solution.success:
         raise ValueError(f"the integer program found no solution: {solution.message}")
     chosen, column = [], 0
