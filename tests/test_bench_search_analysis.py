@@ -1,6 +1,4 @@
 """`treeq bench additivity` on a tiny DiT: pair rows per distance and one configuration row."""
-import pytest
-
 from treeq.bench.search_analysis import bench_additivity
 from treeq.models.checkpoint import save_model
 
