@@ -288,12 +288,24 @@ def cmd_finetune(args):
 
 
 def cmd_export(args):
-    from .deploy.export import export
     from .ptq.run import load_quantized
 
-    export(load_quantized(args.quant), args.out)
+    if args.format == "packed" and args.activation_bits != "run":
+        raise ValueError("--activation-bits is the torchao export's; the packed export keeps the run's bits")
+    model = load_quantized(args.quant)
+    if args.format == "torchao":
+        from .deploy.torchao_export import export_torchao
+        export_torchao(model, args.out, activation_bits=_activation_bits(args.activation_bits))
+        print(f"torchao export in {args.out}/")
+        return 0
+    from .deploy.export import export
+    export(model, args.out)
     print(f"packed checkpoint in {args.out}/")
     return 0
+
+
+def _activation_bits(text):
+    return text if text == "run" else int(text)
 
 
 # name -> (module of treeq.bench, function, its keyword arguments from the flags)
@@ -560,9 +572,15 @@ def build_parser():
                           kept=lambda a: (f"{a.out}/finetune_checkpoint.pt (every {a.checkpoint_every} steps)",
                                           Path(a.out) / "finetune_checkpoint.pt"))
 
-    export = sub.add_parser("export", help="write a packed integer checkpoint of a quantization run")
+    export = sub.add_parser("export", help="write a packed integer checkpoint (or a torchao model) of a quantization run")
     export.add_argument("--quant", required=True, help="a folder written by `treeq quantize`")
     export.add_argument("--out", required=True)
+    export.add_argument("--format", choices=("packed", "torchao"), default="packed",
+                        help="packed: our integer layers at their bits; torchao: torchao Int8Tensor weights of the "
+                             "run's own codes (needs torchao)")
+    export.add_argument("--activation-bits", choices=("run", "8"), default="run",
+                        help="torchao: inputs rounded to the run's a_bits (run: the run's numbers) or only to int8 "
+                             "(8: W4A8, more accurate)")
     _add_overwrite(export)
     export.set_defaults(func=cmd_export, output_kind="export", inputs=("quant",))
 

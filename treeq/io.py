@@ -19,7 +19,7 @@ def atomic_write(path, write):
 # What each command writes into its --out folder: a folder holding any of these is of that kind.
 FOLDER_KINDS = {
     "run": ("config.json", "state.safetensors", "bits.json", "finetune_checkpoint.pt"),  # quantize, finetune
-    "export": ("packed.json", "packed.safetensors"),                                  # export
+    "export": ("packed.json", "packed.safetensors", "torchao.json", "torchao.pt"),    # export
     "samples": ("sampling.json", "samples.npz", "parts"),                              # sample
     "training": ("checkpoint.pt", "model.safetensors", "model.json", "log.jsonl"),     # train
 }

@@ -36,13 +36,13 @@ _FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
 
 # How each input transform and branch is described in the JSON and rebuilt (its tensors travel in
 # the safetensors file under `<layer>.input_transform.*` / `<layer>.branch.*`).
-_TRANSFORMS = {
+TRANSFORMS = {
     "hadamard": (HadamardTransform, lambda module: {"width": module.width, "block_size": module.size},
                  lambda spec, layer: HadamardTransform(spec["width"])),
     "smooth": (SmoothTransform, lambda module: {},
                lambda spec, layer: SmoothTransform(torch.ones(layer["in_features"]))),
 }
-_BRANCHES = {name: (cls, lambda module: module.describe(),
+BRANCHES_SPEC = {name: (cls, lambda module: module.describe(),
                      lambda spec, layer, cls=cls: cls(layer["in_features"], layer["out_features"],
                                                       **{k: v for k, v in spec.items() if k != "type"}))
              for name, cls in BRANCHES.items()}
@@ -118,7 +118,7 @@ def _export_layer(name, module, tensors, scale_dtype):
             if not is_full_precision(module.a_bits):
                 raise ValueError(f"{name}: w_bits {module.w_bits} with a_bits {module.a_bits} has no integer form; "
                                  "export quantizes weights whenever it quantizes inputs")
-            tensors[name + ".weight"] = _float_weight(module)
+            tensors[name + ".weight"] = float_weight(module)
             if module.bias is not None:
                 tensors[name + ".bias"] = module.bias
             return None
@@ -134,11 +134,11 @@ def _export_layer(name, module, tensors, scale_dtype):
     return {"in_features": module.in_features, "out_features": module.out_features, "w_bits": module.w_bits,
             "a_bits": module.a_bits, "symmetric": module.symmetric, "group_size": module.group_size,
             "bias": module.bias is not None, "activations": module.activations,
-            "input_transform": _describe(name, module.input_transform, _TRANSFORMS, "input transform"),
-            "branch": _describe(name, module.branch, _BRANCHES, "branch")}
+            "input_transform": describe_module(name, module.input_transform, TRANSFORMS, "input transform"),
+            "branch": describe_module(name, module.branch, BRANCHES_SPEC, "branch")}
 
 
-def _float_weight(layer):
+def float_weight(layer):
     """The weight of the plain linear a QuantLinear with both quantizers off computes.
 
     y = T(x) (W + D)^T with D = branch.dense() and T linear, T(x) = x A, A = T(I): so W' = (W + D) A^T.
@@ -161,7 +161,7 @@ def _scale(scale, dtype):
     return scale.to(dtype)
 
 
-def _describe(name, module, kinds, what):
+def describe_module(name, module, kinds, what):
     if module is None:
         return None
     for kind, (cls, describe, _) in kinds.items():
@@ -244,8 +244,8 @@ def _install_layer(model, name, layer, state, source):
         module = IntLinear(layer["in_features"], layer["out_features"], w_bits=layer["w_bits"], a_bits=layer["a_bits"],
                            bias=layer["bias"], symmetric=layer["symmetric"], group_size=layer["group_size"],
                            activations=layer.get("activations", "static" if layer.get("static_act_scale") else "dynamic"),
-                           input_transform=_rebuild(layer["input_transform"], _TRANSFORMS, layer),
-                           branch=_rebuild(layer["branch"], _BRANCHES, layer))
+                           input_transform=rebuild_module(layer["input_transform"], TRANSFORMS, layer),
+                           branch=rebuild_module(layer["branch"], BRANCHES_SPEC, layer))
         numel = layer["in_features"] * layer["out_features"]
         codes = unpack(state.pop(name + ".weight_packed"), layer["w_bits"], numel)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
@@ -258,7 +258,7 @@ def _install_layer(model, name, layer, state, source):
     setattr(parent, child, module)
 
 
-def _rebuild(spec, kinds, layer):
+def rebuild_module(spec, kinds, layer):
     if spec is None:
         return None
     if spec.get("type") not in kinds:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ..bits import load_config, save_config
 from ..deploy.export import META_FILE, load_exported
+from ..deploy.torchao_export import META_FILE as TORCHAO_META_FILE
 from ..io import atomic_write
 from ..models.checkpoint import CheckpointError
 from ..models.load import load
@@ -47,12 +48,16 @@ def save_run(folder, recipe, quantized, **metadata):
 
 
 def load_run(folder):
-    """(recipe, quantized model) of a run folder; (None, integer model) for a packed export."""
+    """(recipe, quantized model) of a run folder; (None, deployed model) for a packed or torchao export."""
     folder = Path(folder)
     if (folder / META_FILE).exists():
         return None, load_exported(folder)
+    if (folder / TORCHAO_META_FILE).exists():
+        from ..deploy.torchao_export import load_torchao
+        return None, load_torchao(folder)
     if not (folder / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{folder} holds no quantization run ({CONFIG_FILE}) or packed export ({META_FILE})")
+        raise FileNotFoundError(f"{folder} holds no quantization run ({CONFIG_FILE}), packed export ({META_FILE}) "
+                                f"or torchao export ({TORCHAO_META_FILE})")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
         if config.get("format_version") != RUN_FORMAT_VERSION:
