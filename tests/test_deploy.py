@@ -1,4 +1,6 @@
 """`treeq bench deploy` on a tiny DiT: every runtime gets a row, ours reproduces fake quant and holds less."""
+import pytest
+
 from treeq.bench.deploy import _bench_model, _converted, resident_bytes
 from treeq.bits import preset_config
 from treeq.cli import build_parser
@@ -19,6 +21,19 @@ def test_rows_runtimes_and_quality(tiny_dit):
     assert keyed[("W4A4", "ours+packed")]["resident_mb"] < keyed[("W4A4", "ours")]["resident_mb"]
     assert keyed[("W4A4", "ours")]["resident_mb"] < keyed[("FP32", "fp32")]["resident_mb"]
     assert keyed[("BF16", "bf16")]["psnr_vs_fp32"] > 20
+
+
+def test_torchao_rows_reproduce_the_run_and_hold_its_codes(tiny_dit):
+    pytest.importorskip("torchao")
+    rows = _bench_model("tiny", tiny_dit, 4, 0, 1, dict(steps=2), exported=True)
+    keyed = {(row["setting"], row["runtime"]): row for row in rows}
+    for runtime in ("torchao", "torchao+compile"):
+        assert keyed[("W4A4", runtime)]["rel_error_vs_fake_quant"] < 1e-3
+    # W4A8 is another, more accurate model: further from the W4A4 run, nearer full precision
+    assert keyed[("W4A4", "torchao_w4a8")]["rel_error_vs_fake_quant"] > 1e-3
+    assert keyed[("W4A4", "torchao_w4a8")]["psnr_vs_fp32"] > keyed[("W4A4", "torchao")]["psnr_vs_fp32"]
+    # int8 codes and scales, counted as such: less than the FP32 model it stands for
+    assert keyed[("W4A4", "torchao")]["resident_mb"] < 0.7 * keyed[("FP32", "fp32")]["resident_mb"]
 
 
 def test_resident_bytes_of_a_float_model(tiny_dit):

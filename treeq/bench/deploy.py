@@ -3,7 +3,8 @@
 In one run, interleaved: the exported testbed at W8A8 and W4A4 (export -> load_exported: smoothing folded,
 integer layers on the machine's fastest exact backend) and a random-weight DiT-XL/2 (a few steps, batch 8),
 against FP32, bf16 and quantize_dynamic (oneDNN) of the same model's block linears, and the fake-quantized
-model whose outputs ours must reproduce.
+model whose outputs ours must reproduce. The torchao export of the same run (deploy/torchao_export.py) runs
+beside them where torchao is installed: at the run's bits, as W4A8, and compiled (`torch.compile`, testbed).
 """
 import copy
 import random
@@ -70,13 +71,15 @@ def _bench_model(name, model, num_samples, seed, repeats, sampling, exported):
             quantized = quantize(model, preset_config(model, setting), Recipe(methods=methods))
             target = outputs(quantized)
             quality[(setting, "fake_quant")] = {"psnr_vs_fp32": _psnr(target, reference)}
+            converted = _torchao_runtimes(quantized, setting, compiled=exported)
+            runtimes.update({(setting, runtime): module for runtime, module in converted.items()})
             if exported:
                 runtimes[(setting, "ours")] = _exported(quantized, "prepacked")
                 runtimes[(setting, "ours+packed")] = _exported(quantized, "packed")
                 runtimes[(setting, "fake_quant")] = quantized
             else:
                 runtimes[(setting, "ours")], runtimes[(setting, "ours+packed")] = _converted(quantized)
-            for runtime in ("ours", "ours+packed"):
+            for runtime in ("ours", "ours+packed", *converted):
                 out = outputs(runtimes[(setting, runtime)])
                 quality[(setting, runtime)] = {"psnr_vs_fp32": _psnr(out, reference),
                                                "rel_error_vs_fake_quant": ((out - target).norm() / target.norm()).item()}
@@ -103,6 +106,22 @@ def _exported(quantized, resident):
     with tempfile.TemporaryDirectory() as folder:
         export(quantized, folder, scale_dtype=torch.float32)
         return load_exported(folder, resident=resident)
+
+
+def _torchao_runtimes(quantized, setting, compiled):
+    """{runtime: model} of the torchao export of `quantized` (none without torchao): at the run's bits, as
+    W4A8 (4-bit settings), and the first compiled (its compilation happens in the untimed quality pass)."""
+    try:
+        from ..deploy.torchao_export import import_torchao, to_torchao_
+        import_torchao()
+    except ImportError:
+        return {}
+    runtimes = {"torchao": to_torchao_(copy.deepcopy(quantized))}
+    if setting != "W8A8":
+        runtimes["torchao_w4a8"] = to_torchao_(copy.deepcopy(quantized), activation_bits=8)
+    if compiled:
+        runtimes["torchao+compile"] = torch.compile(runtimes["torchao"])
+    return runtimes
 
 
 def _converted(quantized):
@@ -157,7 +176,7 @@ def resident_bytes(model):
     """Bytes a model holds for inference: parameters, buffers, backend-prepacked weights, packed params."""
     if model is None:
         return float("nan")
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    total = sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
     for module in model.modules():
         if isinstance(module, IntLinear):
             total += sum(kernel.resident_bytes() for kernel in module.kernels or [] if kernel.handle is not None)
@@ -166,3 +185,12 @@ def resident_bytes(model):
             weight, bias = packed._weight_bias()
             total += weight.numel() + (0 if bias is None else bias.numel() * 4) + 8 * weight.shape[0]
     return total
+
+
+def _tensor_bytes(tensor):
+    """Bytes a tensor holds: a torchao quantized tensor's own parts (its int8 data and scales), not the
+    float tensor it stands for."""
+    parts = [getattr(tensor, name, None) for name in ("qdata", "scale", "zero_point")]
+    if parts[0] is None:
+        return tensor.numel() * tensor.element_size()
+    return sum(part.numel() * part.element_size() for part in parts if part is not None)

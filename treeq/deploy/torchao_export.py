@@ -8,11 +8,12 @@ registered with its handler), one layer at a time.
 
 Per layer, at its bits:
 - quantized weight (symmetric, per output channel) and dynamic per-token inputs: a torchao `Int8Tensor`
-  holding the b-bit codes in int8 with their per-channel scales, its inputs quantized per token to int8
-  by torchao (asymmetric) before `torch._int_mm`. With `activation_bits="run"` (the default) inputs are
-  first rounded to the run's own a-bit per-token grid, which int8 holds exactly (up to float rounding),
-  so the export computes the run's W4A4 or W3A3; `activation_bits=8` skips that rounding: W4A8, the
-  more accurate form Hopper's int8 tensor cores serve (there are no 4-bit ones there).
+  holding the b-bit codes in int8 with their per-channel scales, run by torchao's int8 GEMM
+  (`torch._int_mm`). With `activation_bits="run"` (the default) the layer feeds it the run's own
+  per-token input codes, which torchao's int8 quantization passes through unchanged (TorchaoLinear
+  says how), so the export computes the run's W4A4 or W3A3 up to float rounding; `activation_bits=8`
+  lets torchao quantize the float input to int8 itself: W4A8, the more accurate form Hopper's int8
+  tensor cores serve (there are no 4-bit ones there).
 - quantized weight with full-precision inputs: a weight-only `Int8Tensor`.
 - full-precision weight: a plain `nn.Linear`, its transform and branch folded in (export.float_weight).
 - no torchao form (group-wise or asymmetric weights, static activation scales: `Int8Tensor`'s dynamic
@@ -42,13 +43,16 @@ from ..diffusion.defaults import sampling_defaults, set_sampling_defaults_
 from ..models.checkpoint import CheckpointError, load_state_strict
 from ..models.dit import DiT, DiTConfig
 from ..quant.linear import QuantLinear
-from ..quant.quantizers import fake_quantize_activation
+from ..quant.quantizers import quantize_activation_per_token
 from .export import BRANCHES_SPEC, TRANSFORMS, describe_module, float_weight, rebuild_module
 from .integer import IntLinear
 
 FORMAT, FORMAT_VERSION = "treeq-torchao", 1
 WEIGHTS_FILE, META_FILE = "torchao.pt", "torchao.json"
 ACTIVATION_BITS = ("run", 8)
+# Columns appended to the input codes (and zero columns to the weight) of a layer fed the run's codes:
+# -128 and 127, then zeros to keep the GEMM's inner size a multiple of 8 (what torch._int_mm needs on GPUs).
+ANCHOR_COLUMNS = 8
 
 
 def import_torchao():
@@ -56,37 +60,64 @@ def import_torchao():
 
     torchao logs a warning for each of its CUDA extensions a CPU machine cannot load; those are silenced."""
     import logging
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # torchao's import also registers an enum in a way torch 2.13 warns about
+        logger.setLevel(logging.ERROR)
     try:
         import torchao.quantization as quantization
     except ImportError:
         raise ImportError("the torchao export needs torchao: pip install torchao (make install does)") from None
+    finally:
+        quiet[1].setLevel(levels[1])
     return quantization
 
 
 class TorchaoLinear(nn.Module):
-    """y = linear(R_b(T(x))) + branch(T(x)): `linear.weight` a torchao tensor, R_b the per-token round to
-    the run's input bits b (None: none), T the input transform."""
+    """y = s_x * linear([c_x | anchors]) + bias + branch(T(x)), or linear(T(x)) + bias + branch(T(x)) when
+    `input_bits` is None. T: the input transform; `linear.weight`: a torchao Int8Tensor.
+
+    With input_bits b, c_x are the run's own per-token b-bit input codes of T(x) (shifted by their zero
+    point, so integers within int8) and s_x their scales. The anchor columns (-128 and 127, then zeros
+    to ANCHOR_COLUMNS, against zero weight columns) give every row the range [-128, 127], for which
+    torchao's per-token int8 quantization is the identity (scale 1, zero point 0): its int8 GEMM then
+    sums exactly the run's codes, whatever b and whether the run's inputs are symmetric. Without
+    input_bits torchao quantizes T(x) to int8 itself (W4A8), or the weight is weight-only.
+    """
 
     def __init__(self, in_features, out_features, *, bias=True, input_bits=None, symmetric_inputs=False,
                  input_transform=None, branch=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.input_bits, self.symmetric_inputs = input_bits, symmetric_inputs
-        self.linear = nn.Linear(in_features, out_features, bias=bias, device="meta")
+        width = in_features + (0 if input_bits is None else ANCHOR_COLUMNS)
+        self.linear = nn.Linear(width, out_features, bias=False, device="meta")
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_module("input_transform", input_transform)
         self.register_module("branch", branch)
 
     def forward(self, x):
         if self.input_transform is not None:
             x = self.input_transform(x)
-        rounded = x if self.input_bits is None else fake_quantize_activation(x, self.input_bits,
-                                                                             symmetric=self.symmetric_inputs)
-        out = self.linear(rounded)
+        if self.input_bits is None:
+            out = self.linear(x)
+        else:
+            codes, scale, zero_point = quantize_activation_per_token(x, self.input_bits, symmetric=self.symmetric_inputs)
+            codes = codes.to(x.dtype) if zero_point is None else codes.to(x.dtype) - zero_point.to(x.dtype)
+            anchors = _anchors(x).expand(*codes.shape[:-1], ANCHOR_COLUMNS)
+            out = self.linear(torch.cat([codes, anchors], dim=-1)) * scale.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
         return out if self.branch is None else out + self.branch(x)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, input_bits={self.input_bits}"
+
+
+def _anchors(x):
+    anchors = torch.zeros(ANCHOR_COLUMNS, dtype=x.dtype, device=x.device)
+    anchors[0], anchors[1] = -128, 127
+    return anchors
 
 
 def layer_kind(layer):
@@ -99,17 +130,21 @@ def layer_kind(layer):
     return "torchao" if dynamic and layer.symmetric and layer.group_size is None else "treeq"
 
 
-def _torchao_weight(layer, quantized_inputs):
-    """The layer's codes and scales as a torchao Int8Tensor (inputs quantized per token to int8, or not)."""
+def _torchao_weight(layer, quantized_inputs, anchored):
+    """The layer's codes and per-channel scales as a torchao Int8Tensor: inputs quantized per token to int8
+    or not, and (anchored) ANCHOR_COLUMNS zero columns appended for TorchaoLinear's anchors."""
     quantization = import_torchao()
     from torchao.quantization.granularity import PerRow
     from torchao.quantization.quant_primitives import MappingType
     from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
     quantized = layer.quantized_weight()
+    codes = quantized.codes
+    if anchored:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], ANCHOR_COLUMNS)], dim=1)
     inputs = QuantizeTensorToInt8Kwargs(PerRow(), MappingType.ASYMMETRIC) if quantized_inputs else None
-    return quantization.Int8Tensor(quantized.codes.clone(), quantized.scale.float().clone(),
-                                   [1, layer.in_features], layer.weight.dtype, act_quant_kwargs=inputs)
+    return quantization.Int8Tensor(codes.clone(), quantized.scale.float().clone(), [1, codes.shape[1]],
+                                   layer.weight.dtype, act_quant_kwargs=inputs)
 
 
 def _convert(layer, activation_bits):
@@ -125,21 +160,23 @@ def _convert(layer, activation_bits):
         return module
     if kind == "treeq":
         return IntLinear.from_quant_linear(layer)
+    input_bits = _input_bits(layer, activation_bits)
     module = TorchaoLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           input_bits=_input_bits(layer, activation_bits),
-                           symmetric_inputs=layer.activations == "dynamic",
+                           input_bits=input_bits, symmetric_inputs=layer.activations == "dynamic",
                            input_transform=_copy(layer.input_transform), branch=_copy(layer.branch))
-    module.linear.weight = nn.Parameter(_torchao_weight(layer, not is_full_precision(layer.a_bits)),
-                                        requires_grad=False)
+    weight = _torchao_weight(layer, not is_full_precision(layer.a_bits), anchored=input_bits is not None)
+    module.linear.weight = nn.Parameter(weight, requires_grad=False)
     if layer.bias is not None:
-        module.linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        module.bias = layer.bias.detach().clone()
     return module
 
 
 def _input_bits(layer, activation_bits):
-    """The bits a torchao layer rounds its inputs to before torchao's int8 (None: int8 alone is the run's)."""
-    below_int8 = not is_full_precision(layer.a_bits) and layer.a_bits < 8
-    return layer.a_bits if below_int8 and activation_bits == "run" else None
+    """The bits of the run's input codes a torchao layer feeds its int8 GEMM (None: torchao's own int8
+    quantization of the float input, the W4A8 form, or float inputs)."""
+    if is_full_precision(layer.a_bits) or activation_bits != "run":
+        return None
+    return layer.a_bits
 
 
 def _copy(module):
