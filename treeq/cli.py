@@ -330,6 +330,7 @@ _BENCHES = {
     "locality": ("search_analysis", "bench_locality", lambda a: {"model": a.model or "default"}),
     "additivity": ("search_analysis", "bench_additivity", lambda a: {"model": a.model or "default", "seed": a.seed}),
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
+    "kernel-parts": ("kernel_parts", "bench_kernel_parts", lambda a: {"seed": a.seed}),
     # its own sample counts (64 testbed images, 8 DiT-XL/2 ones)
     "deploy": ("deploy", "bench_deploy", lambda a: {"seed": a.seed}),
     "xl": ("xl", "bench_xl", lambda a: {"device": a.device, "model": a.model, "seed": a.seed}),

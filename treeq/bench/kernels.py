@@ -125,11 +125,11 @@ def _bits(setting):
     return int(w_bits), int(a_bits)
 
 
-def _deployed(linear, w_bits, a_bits, method, backend, resident):
+def _deployed(linear, w_bits, a_bits, method, backend, resident, activations="dynamic"):
     """The IntLinear a `method` export of `linear` deploys to (transform included)."""
-    layer = QuantLinear.from_linear(linear, w_bits, a_bits)
+    layer = QuantLinear.from_linear(linear, w_bits, a_bits, activations=activations)
     if method == "hadamard":
-        layer = rotate_linear_(QuantLinear.from_linear(_copy(linear), w_bits, a_bits))
+        layer = rotate_linear_(QuantLinear.from_linear(_copy(linear), w_bits, a_bits, activations=activations))
     elif method != "rtn":
         raise ValueError(f"the kernel bench deploys rtn or hadamard layers, got {method!r}")
     return IntLinear.from_quant_linear(layer).deploy_(backend, resident)
