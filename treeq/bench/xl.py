@@ -6,9 +6,10 @@ calibrated on one short trajectory) and of the exported W8A8 integer model (roun
 per-token activations, `torch._int_mm`) at batch 1 and 8, and reports the GPU memory each phase
 peaked at.
 Random weights by default: speed and memory do not depend on the values.
-`bench gpu-kernels` times DiT-XL/2's linear shapes on CUDA: float32, TF32, bf16 and the int8 path a
-deployed W8A8 layer runs (per-token quantization of the input + `torch._int_mm` + rescale), in
-interleaved rounds.
+`bench gpu-kernels` times DiT-XL/2's linear shapes on CUDA: float32, TF32, bf16, the int8 path a
+deployed W8A8 layer runs (per-token quantization of the input + `torch._int_mm` + rescale) and, where
+Triton imports, the fused W4A8 Triton kernel (deploy/triton_w4a8.py) bare and with a rank-32 low-rank
+branch, in interleaved rounds.
 """
 import statistics
 import time
@@ -109,7 +110,7 @@ def bench_gpu_kernels(batch=8, repeats=7, iterations=20, seed=0):
         for name, fn in list(runtimes.items()):
             try:
                 fn()
-            except RuntimeError as error:  # a kernel this GPU or torch build lacks: say so, time the rest
+            except Exception as error:  # a kernel this GPU, torch or Triton build lacks (or fails to compile): say so, time the rest
                 rows.append({"shape": shape, "rows": m, "runtime": name, "error": str(error).splitlines()[0]})
                 del runtimes[name]
         times = {name: [] for name in runtimes}
@@ -146,7 +147,27 @@ def _gpu_runtimes(x, weight):
         codes = (x / scale).round_().to(torch.int8)
         return int_matmul(codes, codes_w.t()).float().mul_(scale).mul_(scale_w)
 
-    return {"fp32": fp32, "tf32": tf32, "bf16": lambda: F.linear(x16, w16), "int8_w8a8": int8}
+    runtimes = {"fp32": fp32, "tf32": tf32, "bf16": lambda: F.linear(x16, w16), "int8_w8a8": int8}
+    if x.is_cuda:
+        runtimes.update(_triton_runtimes(x, weight))
+    return runtimes
+
+
+def _triton_runtimes(x, weight, rank=32):
+    """The fused W4A8 Triton kernel (per-token 8-bit activations quantized inside it, 4-bit weights
+    unpacked inside it), bare and with a fused rank-`rank` low-rank branch (TF32 on tensor cores); none
+    where Triton is missing. Random branch weights: the speed does not depend on them."""
+    from ..deploy import triton_w4a8
+
+    if not triton_w4a8.triton_available():
+        return {}
+    weight_codes = quantize_weight(weight, 4)
+    packed = triton_w4a8.pack_w4(weight_codes.codes, weight_codes.scale)
+    down = torch.randn(rank, weight.shape[1], device=x.device) / weight.shape[1] ** 0.5
+    up = torch.randn(weight.shape[0], rank, device=x.device) / rank ** 0.5
+    return {"triton_w4a8": lambda: triton_w4a8.w4a8_linear(x, packed),
+            "triton_w4a8_lowrank": lambda: triton_w4a8.w4a8_linear(x, packed, lowrank=(down, up),
+                                                                  lowrank_precision="tf32")}
 
 
 def _cuda_ms(fn, iterations):
