@@ -3,10 +3,18 @@
 #   OUT=folder scripts/gpu_measurements.sh
 # Each step has its own time limit and writes its output under $OUT, so a failing or slow step
 # leaves the others' figures. PY: the Python with torch + CUDA (default python3); SIZE, INIT_ARGS,
-# DEVICE, NUM: a smaller model, the CPU, fewer samples, for trying the script. STEPS: the steps to run
-# (default all, the search's first: a full tree search on DiT-XL/2 needs most of a 15-minute lease).
+# DEVICE, NUM: a smaller model, the CPU, fewer samples, for trying the script. STEPS: the steps to run,
+# or a group: deploy (kernels and end-to-end rows of the deployed models: torchao export, fused Triton
+# kernel, bf16 eager and compiled; under 10 minutes) or search (the search at DiT-XL/2's cost: a full
+# tree search needs most of a 15-minute lease). Default: both groups, then the 1,000-sample run.
+# The device image has torch and Triton but not torchao or diffusers: carry their wheels (see the device
+# notes); without torchao the torchao rows say so in an `error` row and the rest still runs.
 set -u
-STEPS=${STEPS:-"search_cost search gpu_kernels xl sample1000"}
+STEPS=${STEPS:-"deploy search sample1000"}
+STEPS=${STEPS//deploy/gpu_kernels xl xl_compiled}
+STEPS=${STEPS//search_cost/SEARCH_COST}
+STEPS=${STEPS//search/search_cost search}
+STEPS=${STEPS//SEARCH_COST/search_cost}
 PY=${PY:-python3}
 OUT=${OUT:-runs/gpu}
 WORK=${WORK:-/tmp/treeq-gpu}
@@ -39,7 +47,12 @@ step search 540 $PY -m treeq search --model "$WORK/xl.pt" --target W4A4 --method
 kill %1 2>/dev/null
 echo "search: $(cat "$WORK"/search/bits.log.jsonl 2>/dev/null | wc -l) candidates scored;" \
      "peak GPU MiB (nvidia-smi): $(sort -n "$OUT/search_gpu_mb.txt" 2>/dev/null | tail -1)"
-[ "$DEVICE" = cuda ] && step gpu_kernels 60 $PY -m treeq bench gpu-kernels --json
-step xl 190 $PY -m treeq bench xl --device $DEVICE --model "$WORK/xl.pt" --json
+# Linear shapes: fp32, tf32, bf16, int8, the fused W4A8 Triton kernel bare and with a low-rank branch.
+[ "$DEVICE" = cuda ] && step gpu_kernels 90 $PY -m treeq bench gpu-kernels --json
+# End to end, seconds per sampling step and peak memory; eager, then the compiled settings apart (compilation).
+step xl 240 $PY -m treeq bench xl --device $DEVICE --model "$WORK/xl.pt" --json \
+    --settings fp32,bf16,W4A4,W8A8-int,W4A4-torchao,W4A8-torchao,W4A8-triton
+step xl_compiled 240 $PY -m treeq bench xl --device $DEVICE --model "$WORK/xl.pt" --json \
+    --settings bf16+compile,W4A8-torchao+compile
 step sample1000 150 $PY -m treeq sample --model "$WORK/xl.pt" --vae "$WORK/vae" --device $DEVICE --dtype bfloat16 \
     --num-samples $NUM --steps 50 --batch-size 125 --quiet --out "$WORK/s1000"

@@ -333,7 +333,8 @@ _BENCHES = {
     "kernel-parts": ("kernel_parts", "bench_kernel_parts", lambda a: {"seed": a.seed}),
     # its own sample counts (64 testbed images, 8 DiT-XL/2 ones)
     "deploy": ("deploy", "bench_deploy", lambda a: {"seed": a.seed}),
-    "xl": ("xl", "bench_xl", lambda a: {"device": a.device, "model": a.model, "seed": a.seed}),
+    "xl": ("xl", "bench_xl", lambda a: {"device": a.device, "model": a.model, "seed": a.seed,
+                                        **_settings(a, "settings")}),
     "gpu-kernels": ("xl", "bench_gpu_kernels", lambda a: {"seed": a.seed}),
 }
 
@@ -592,7 +593,7 @@ def build_parser():
     bench.add_argument("--settings", default=None,
                        help="ptq, paper, ablation: presets to run, e.g. W4A4,W3A3 (split a long bench over "
                             "processes; default: the bench's own); families: parts and families, e.g. "
-                            "blocks,quantize,tiny,pixart,sd3")
+                            "blocks,quantize,tiny,pixart,sd3; xl: settings, e.g. bf16,W4A8-torchao")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="xl: cpu, cuda or cuda:N")
     bench.add_argument("--model", default=None, help="xl: a DiT-XL/2 checkpoint (default: random weights); search, "
                        "locality, additivity: the testbed (default, or deep: 28 blocks like DiT-XL/2)")

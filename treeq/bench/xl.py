@@ -1,23 +1,25 @@
 """`treeq bench xl` and `treeq bench gpu-kernels`: DiT-XL/2 at its real size, on the CPU or a GPU.
 
-`bench xl` times sampling steps (one guided model call each) of the full-precision model in float32
-and bfloat16, of the fake-quant W4A4 model (Hadamard + GPTQ, per-token asymmetric activations,
-calibrated on one short trajectory) and of the exported W8A8 integer model (round to nearest,
-per-token activations, `torch._int_mm`) at batch 1 and 8, and reports the GPU memory each phase
-peaked at.
+`bench xl` times sampling steps (one guided model call each) at batch 1 and 8 of the full-precision
+model in float32 and bfloat16 (eager and compiled), of the fake-quant W4A4 model (Hadamard + GPTQ,
+per-token asymmetric activations, calibrated on one short trajectory), of the exported W8A8 integer
+model (round to nearest, per-token activations, `torch._int_mm`), of the torchao export of the W4A4
+run (deploy/torchao_export.py: at its bits, and as W4A8 eager and compiled) and of the run's weights
+on the fused W4A8 Triton kernel (CUDA), and reports the GPU memory each phase peaked at.
 Random weights by default: speed and memory do not depend on the values.
 `bench gpu-kernels` times DiT-XL/2's linear shapes on CUDA: float32, TF32, bf16, the int8 path a
 deployed W8A8 layer runs (per-token quantization of the input + `torch._int_mm` + rescale) and, where
 Triton imports, the fused W4A8 Triton kernel (deploy/triton_w4a8.py) bare and with a rank-32 low-rank
 branch, in interleaved rounds.
 """
+import copy
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ..bits import preset_config
+from ..bits import preset_config, quantizable_layers
 from ..deploy.gemm import int_matmul
 from ..diffusion.sampling import balanced_labels, sample
 from ..models.init import random_dit
@@ -29,32 +31,30 @@ from ..quant.quantizers import quantize_weight, token_quant_params
 from .kernels import dit_linear_shapes
 
 W4A4_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
-SETTINGS = ("fp32", "bf16", "W4A4", "W8A8-int")
+SETTINGS = ("fp32", "bf16", "bf16+compile", "W4A4", "W8A8-int", "W4A4-torchao", "W4A8-torchao",
+            "W4A8-torchao+compile", "W4A8-triton")
 
 
 def bench_xl(device="cpu", model=None, batches=(1, 8), steps=3, settings=SETTINGS, seed=0):
-    """Rows {setting, batch, device, seconds_per_step, min, max, peak_gpu_mb}; the W4A4 row's calibration
-    and quantization get rows of their own (seconds, peak_gpu_mb) with batch None."""
+    """Rows {setting, batch, device, seconds_per_step, min, max, peak_gpu_mb}; building a quantized model
+    gets rows of its own (seconds, peak_gpu_mb) with batch None; a setting this machine cannot run (no
+    torchao, no Triton or CUDA) gets one row with its `error`.
+
+    Settings: FP32, bf16 (eager and compiled), the fake-quant W4A4 model (Hadamard + GPTQ, calibrated on
+    one short trajectory), the packed W8A8 export on torch._int_mm, the torchao export of that W4A4 run
+    at its bits and as W4A8 (eager and compiled), and its W4A8 layers on the fused Triton kernel."""
+    unknown = [setting for setting in settings if setting not in _BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown bench xl setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     device = torch.device(device)
-    base = _xl(model, seed)
+    built = {"base": _xl(model, seed)}  # the FP32 model on the CPU, and quantized models other settings reuse
     rows = []
     for setting in settings:
-        _reset_peak(device)
-        start = time.perf_counter()
-        if setting == "W4A4":
-            fp = base.to(device)
-            calibration = collect_calibration(fp, num_images=1, num_timesteps=2, steps=2)
-            rows.append(_phase_row("calibrate", start, device))
-            _reset_peak(device)
-            start = time.perf_counter()
-            model_ = quantize(fp, preset_config(fp, "W4A4"), W4A4_RECIPE, calibration=calibration)
-            rows.append(_phase_row("quantize W4A4", start, device))
-            base = base.cpu()  # the quantized copy alone on the device while it samples
-        elif setting == "W8A8-int":
-            model_ = _exported_w8a8(base.cpu()).to(device)
-            rows.append(_phase_row("quantize + export + load W8A8", start, device))
-        else:
-            model_ = base.to(device=device, dtype=torch.bfloat16 if setting == "bf16" else torch.float32)
+        try:
+            model_ = _BUILDERS[setting](built, device, rows)
+        except ImportError as error:
+            rows.append({"setting": setting, "batch": None, "device": str(device), "error": str(error)})
+            continue
         for batch in batches:
             _reset_peak(device)
             times = step_seconds(model_, batch, steps)
@@ -62,8 +62,85 @@ def bench_xl(device="cpu", model=None, batches=(1, 8), steps=3, settings=SETTING
                          "seconds_per_step": statistics.median(times), "min": min(times), "max": max(times),
                          "peak_gpu_mb": _peak_mb(device)})
         del model_
-        base = base.float()
     return rows
+
+
+def _phase(name, rows, device, build):
+    """build() timed as a phase row (seconds, peak GPU memory)."""
+    _reset_peak(device)
+    start = time.perf_counter()
+    model = build()
+    rows.append(_phase_row(name, start, device))
+    return model
+
+
+def _float(built, device, rows, dtype=torch.float32):
+    """The FP model on `device` in `dtype` (a bf16 copy: the FP32 weights stay unrounded for the rest)."""
+    base = built["base"] if dtype == torch.float32 else copy.deepcopy(built["base"])
+    return base.to(device=device, dtype=dtype)
+
+
+def _w4a4(built, device, rows):
+    """The fake-quant W4A4 model on `device` (built once; kept on the CPU between settings)."""
+    if "W4A4" not in built:
+        fp = built["base"].to(device)
+        calibration = _phase("calibrate", rows, device,
+                             lambda: collect_calibration(fp, num_images=1, num_timesteps=2, steps=2))
+        built["W4A4"] = _phase("quantize W4A4", rows, device,
+                               lambda: quantize(fp, preset_config(fp, "W4A4"), W4A4_RECIPE, calibration=calibration))
+        built["base"] = built["base"].cpu()
+    return built["W4A4"].to(device)
+
+
+def _torchao(activation_bits, compiled=False):
+    def build(built, device, rows):
+        from ..deploy.torchao_export import to_torchao_
+        quantized = _w4a4(built, device, rows)
+        label = "W4A4 run bits" if activation_bits == "run" else "W4A8"
+        model = _phase(f"torchao export ({label})", rows, device,
+                       lambda: to_torchao_(copy.deepcopy(quantized), activation_bits))
+        built["W4A4"] = quantized.cpu()
+        return torch.compile(model) if compiled else model
+    return build
+
+
+def _triton(built, device, rows):
+    """The W4A4 run's weights with 8-bit inputs, every block linear on the fused Triton kernel."""
+    from ..deploy import triton_w4a8
+    if device.type != "cuda" or not triton_w4a8.triton_available():
+        raise ImportError("the fused W4A8 kernel runs on CUDA with Triton")
+    quantized = _w4a4(built, device, rows)
+
+    def convert():
+        model = copy.deepcopy(quantized)
+        for name in quantizable_layers(model):
+            layer = model.get_submodule(name)
+            layer.set_bits(4, 8)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, triton_w4a8.TritonW4A8Linear.from_quant_linear(layer))
+        return model
+    model = _phase("triton W4A8 layers", rows, device, convert)
+    built["W4A4"] = quantized.cpu()
+    return model
+
+
+def _w8a8_int(built, device, rows):
+    return _phase("quantize + export + load W8A8", rows, device,
+                  lambda: _exported_w8a8(built["base"].cpu()).to(device))
+
+
+# setting -> build(built, device, rows) -> the model to time (phase rows appended to `rows`)
+_BUILDERS = {
+    "fp32": _float,
+    "bf16": lambda built, device, rows: _float(built, device, rows, torch.bfloat16),
+    "bf16+compile": lambda built, device, rows: torch.compile(_float(built, device, rows, torch.bfloat16)),
+    "W4A4": _w4a4,
+    "W8A8-int": _w8a8_int,
+    "W4A4-torchao": _torchao("run"),
+    "W4A8-torchao": _torchao(8),
+    "W4A8-torchao+compile": _torchao(8, compiled=True),
+    "W4A8-triton": _triton,
+}
 
 
 def _exported_w8a8(model):
