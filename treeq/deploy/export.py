@@ -97,11 +97,7 @@ def load_exported(path, *, backend="auto", resident="prepacked", fold=True):
         raise CheckpointError(f"{meta_path} holds no valid DiT config: {error}") from None
     for name, layer in meta["layers"].items():
         _install_layer(model, name, layer, state, meta_path)
-    model = load_state_strict(model, state, weights_path).eval()
-    if meta.get("sampling") is not None:  # where the model came from decides how it samples
-        set_sampling_defaults_(model, meta["sampling"])
-    if meta.get("source") is not None:
-        model.source = meta["source"]
+    model = restore_origin_(load_state_strict(model, state, weights_path).eval(), meta)
     if fold:
         fold_smoothing_(model)
     if backend is not None:
@@ -199,19 +195,35 @@ def _write_pair(paths, tensors, meta):
             file.unlink(missing_ok=True)
 
 
-def _read_meta(meta_path):
+def read_meta(meta_path, format_name, versions, required, kind):
+    """An export's JSON after checking its format, version and required keys; one CheckpointError line else."""
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{meta_path} is not valid JSON: {error}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not a TreeQ packed export (format {FORMAT!r})")
-    if meta.get("format_version") not in _READABLE_VERSIONS:
+    if not isinstance(meta, dict) or meta.get("format") != format_name:
+        raise CheckpointError(f"{meta_path} is not a TreeQ {kind} export (format {format_name!r})")
+    if meta.get("format_version") not in versions:
         raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')!r}; "
-                              f"this TreeQ reads versions {', '.join(map(str, _READABLE_VERSIONS))}")
-    missing = [key for key in ("model", "bits", "layers", "safetensors_bytes", "sha256") if key not in meta]
+                              f"this TreeQ reads versions {', '.join(map(str, versions))}")
+    missing = [key for key in required if key not in meta]
     if missing:
         raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}")
+    return meta
+
+
+def restore_origin_(model, meta):
+    """Give a loaded model the sampling defaults and source its export recorded; returns it."""
+    if meta.get("sampling") is not None:  # where the model came from decides how it samples
+        set_sampling_defaults_(model, meta["sampling"])
+    if meta.get("source") is not None:
+        model.source = meta["source"]
+    return model
+
+
+def _read_meta(meta_path):
+    meta = read_meta(meta_path, FORMAT, _READABLE_VERSIONS, ("model", "bits", "layers", "safetensors_bytes", "sha256"),
+                     "packed")
     if not isinstance(meta["layers"], dict) or not all(isinstance(layer, dict) for layer in meta["layers"].values()):
         raise CheckpointError(f"{meta_path}: `layers` must map layer names to settings")
     if meta["bits"] != _bits(meta["layers"]):

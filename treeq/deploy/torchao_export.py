@@ -39,12 +39,12 @@ import torch
 import torch.nn as nn
 
 from ..bits import is_full_precision
-from ..diffusion.defaults import sampling_defaults, set_sampling_defaults_
+from ..diffusion.defaults import sampling_defaults
 from ..models.checkpoint import CheckpointError, load_state_strict
 from ..models.dit import DiT, DiTConfig
 from ..quant.linear import QuantLinear
 from ..quant.quantizers import quantize_activation_per_token
-from .export import BRANCHES_SPEC, TRANSFORMS, describe_module, float_weight, rebuild_module
+from .export import BRANCHES_SPEC, TRANSFORMS, describe_module, float_weight, read_meta, rebuild_module, restore_origin_
 from .integer import IntLinear
 
 FORMAT, FORMAT_VERSION = "treeq-torchao", 1
@@ -285,28 +285,11 @@ def load_torchao(path):
         raise CheckpointError(f"{meta_path} holds no valid DiT config: {error}") from None
     for name, layer in meta["layers"].items():
         _install(model, name, layer, meta_path)
-    model = load_state_strict(model, state, weights_path, assign=True).eval()
-    if meta.get("sampling") is not None:
-        set_sampling_defaults_(model, meta["sampling"])
-    if meta.get("source") is not None:
-        model.source = meta["source"]
-    return model
+    return restore_origin_(load_state_strict(model, state, weights_path, assign=True).eval(), meta)
 
 
 def _read_meta(meta_path):
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{meta_path} is not valid JSON: {error}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not a TreeQ torchao export (format {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')!r}; "
-                              f"this TreeQ reads {FORMAT_VERSION}")
-    missing = [key for key in ("model", "layers", "state_bytes", "sha256") if key not in meta]
-    if missing:
-        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}")
-    return meta
+    return read_meta(meta_path, FORMAT, (FORMAT_VERSION,), ("model", "layers", "state_bytes", "sha256"), "torchao")
 
 
 def _install(model, name, layer, source):
