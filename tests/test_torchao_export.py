@@ -7,6 +7,7 @@ model, about 1e-3 from the run and closer to full precision.
 """
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from treeq.ptq.recipe import Recipe
 from treeq.ptq.run import load_run
 
 torchao = pytest.importorskip("torchao")
+from treeq.deploy import torchao_export  # noqa: E402
 from treeq.deploy.torchao_export import TorchaoLinear, export_torchao, load_torchao, to_torchao_  # noqa: E402
 
 RUN_TOLERANCE = 1e-3
@@ -140,3 +142,14 @@ def test_activation_bits_belong_to_the_torchao_export(tmp_path, capsys):
     assert main(["export", "--quant", str(tmp_path), "--activation-bits", "8", "--out", str(tmp_path / "e")]) == 2
     assert "torchao export" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_without_torchao_the_export_refuses_in_one_line(tiny_dit, tmp_path, capsys, monkeypatch):
+    save_model(tiny_dit, tmp_path / "tiny")
+    run = str(tmp_path / "run")
+    assert main(["quantize", "--model", str(tmp_path / "tiny.safetensors"), "--config", "W4A4", "--out", run]) == 0
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # what a missing package raises
+    monkeypatch.setattr(torchao_export, "_CONFIG", None)
+    assert main(["export", "--quant", run, "--format", "torchao", "--out", str(tmp_path / "ao")]) == 2
+    assert capsys.readouterr().err.strip().endswith("pip install torchao (make install does)")
+    assert not (tmp_path / "ao").exists()

@@ -646,7 +646,7 @@ def main(argv=None):
     try:
         _check_before_work(args)
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError) as error:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as error:  # ImportError: an optional extra missing
         print(f"treeq: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

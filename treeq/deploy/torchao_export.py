@@ -31,7 +31,6 @@ import copy
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch.nn as nn
 
 from ..bits import is_full_precision
 from ..diffusion.defaults import sampling_defaults
+from ..io import atomic_write
 from ..models.checkpoint import CheckpointError, load_state_strict
 from ..models.dit import DiT, DiTConfig
 from ..quant.linear import QuantLinear
@@ -229,8 +229,8 @@ def export_torchao(model, path, activation_bits="run"):
         raise ValueError("the model has no quantized linears: export a run written by `treeq quantize`")
     converted = to_torchao_(copy.deepcopy(model), activation_bits)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-            "activation_bits": activation_bits, "layers": layers,
-            "bits": {name: {"w_bits": layer["w_bits"], "a_bits": layer["a_bits"]} for name, layer in layers.items()}, "sampling": sampling_defaults(model),
+            "activation_bits": activation_bits, "layers": layers, "sampling": sampling_defaults(model),
+            "bits": {name: {"w_bits": layer["w_bits"], "a_bits": layer["a_bits"]} for name, layer in layers.items()},
             "source": getattr(model, "source", None)}
     _write(Path(path), {key: value.detach().cpu() for key, value in converted.state_dict().items()}, meta)
     return converted
@@ -251,19 +251,13 @@ def _describe_layer(name, layer, activation_bits):
 
 
 def _write(folder, state, meta):
-    """The state file, then the JSON with its checksum, each under a temporary name renamed into place."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The state file, then the JSON with its checksum (a folder with the JSON holds a whole export)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
     meta["state_bytes"], meta["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    for name, payload in ((WEIGHTS_FILE, data), (META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())):
-        temporary = folder / (name + ".tmp")
-        try:
-            temporary.write_bytes(payload)
-            os.replace(temporary, folder / name)
-        finally:
-            temporary.unlink(missing_ok=True)
+    atomic_write(folder / WEIGHTS_FILE, lambda path: path.write_bytes(data))
+    atomic_write(folder / META_FILE, lambda path: path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
 
 
 def load_torchao(path):
