@@ -161,3 +161,20 @@ def test_refine_rows_without_sweeps_are_refused(tiny_path, tmp_path, capsys):
     argv = ["search", "--model", tiny_path, *FAST, "--refine-rows", "2", "--out", str(tmp_path / "b.json")]
     assert main(argv) == 2
     assert "give refine_sweeps or exchange_rounds too" in capsys.readouterr().err
+
+
+def test_equal_compute_rows_get_the_trees_block_runs_in_whole_model_evaluations(tiny_dit):
+    """evo@compute / random@compute: whole-model evaluations whose block runs match the tree's, far fewer
+    than the tree's evaluations (each of which runs only from its segment to one block past it)."""
+    from treeq.bench.search import SEARCHES, tree_compute_evaluations
+    from treeq.bits import quantizable_layers
+    from treeq.search.estimate import stop_after, tree_block_runs
+    from treeq.search.space import DEFAULT_CANDIDATES, SearchSpace
+    from treeq.search.tree import expected_evaluations
+
+    space = SearchSpace.build(quantizable_layers(tiny_dit), DEFAULT_CANDIDATES[3.0])
+    blocks = [int(name.split(".")[1]) for name in space.layers]
+    block_runs = tree_block_runs(space, 16, blocks, stop_after(blocks, 2, 1))
+    evaluations = tree_compute_evaluations(tiny_dit, "W3A3")
+    assert abs(evaluations * 2 - block_runs) <= 1 and evaluations < expected_evaluations(space, 16)
+    assert SEARCHES["evo@compute"]["method"] == "evo" and SEARCHES["random@compute"]["method"] == "random"

@@ -1,7 +1,9 @@
 """`treeq bench search`: every search method of the harness at W4A4 and W3A3, then the PTQ quality of
 the configuration it found, all on one recipe, one calibration set, one metric and the same seeds.
 
-Evolutionary and random search get the evaluations the tree search used at that target. Each
+Evolutionary and random search get the evaluations the tree search used at that target (rows evo,
+random) and, in rows evo@compute and random@compute, the tree's compute: its block runs in whole-model
+evaluations (ten times fewer at 28 blocks). Each
 search writes its files under the bench folder; a finished search (its results.json exists) is
 read back instead of run again, so an interrupted bench continues, and searches can be run ahead
 in parallel processes with `treeq search ... --out FOLDER/<target>-<method>.json`.
@@ -25,10 +27,12 @@ from ..experiment import generate, measure
 from ..models.load import load
 from ..ptq.apply import quantize, set_bits_
 from ..ptq.calibration import load_or_collect, split_rows, spread_rows
+from ..models.adapters import adapter_for
 from ..search.cost import parse_target
+from ..search.estimate import stop_after, tree_block_runs
 from ..search.objective import ModelObjective, output_error
 from ..search.run import SEARCH_RECIPE, run_search
-from ..search.space import DEFAULT_CANDIDATES
+from ..search.space import DEFAULT_CANDIDATES, SearchSpace
 
 TARGETS = ("W4A4", "W3A3")
 REFINE_SWEEPS = 2
@@ -40,6 +44,9 @@ SCORED_ROWS = 16  # run_search's default calibration_rows
 # refined by coordinate descent on REFINE_ROWS rows the search did not score (search/refine.py).
 # tss+exchange: the tree's result improved by budget exchanges on the same rows (refine.exchange).
 # tss+ilp: the tree seeded with the integer program's configuration (run_search's seed_ilp).
+# evo, random: as many evaluations as the tree made (each runs the whole model, the tree's mostly a few
+# blocks: about 10x the tree's compute at 28 blocks); evo@compute, random@compute: the tree's compute,
+# its block runs (search/estimate.py) over the model's depth in whole-model evaluations.
 SEARCHES = {
     "uniform": {"method": "uniform"},
     "greedy": {"method": "greedy"},
@@ -51,6 +58,8 @@ SEARCHES = {
     "tss+ilp": {"method": "tss", "seed_ilp": True},
     "evo": {"method": "evo"},
     "random": {"method": "random"},
+    "evo@compute": {"method": "evo"},
+    "random@compute": {"method": "random"},
 }
 METHODS = tuple(SEARCHES)
 # Rows that refine the tree of another row: they start from that row's finished tree (its state and log
@@ -107,6 +116,8 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
         tss_evaluations = None
         for method in tqdm(methods, desc=f"search and sample ({target})"):
             evaluations = tss_evaluations if method in ("evo", "random") else None
+            if method.endswith("@compute"):
+                evaluations = tree_compute_evaluations(model, target)
             config, summary = searched(target, method, folder, evaluations, recipe)
             if method == "tss":
                 tss_evaluations = summary["evaluations"]
@@ -118,6 +129,18 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
                          "search_metric": summary["metric"], "held_out": error,
                          **_quality(measure(images, labels, fp_images), "sfid")})
     return rows
+
+
+def tree_compute_evaluations(model, target, queue_size=16, readout_blocks=1):
+    """Whole-model evaluations costing what the default tree search's scoring costs on `model`: its block
+    runs (estimated node by node, as `treeq search` prints before it scores) over the model's depth."""
+    adapter = adapter_for(model)
+    block_of = adapter.block_of(model)
+    layers = quantizable_layers(model)
+    depth = len(adapter.block_names(model))
+    space = SearchSpace.build(layers, DEFAULT_CANDIDATES[parse_target(target)])
+    blocks = [block_of[name] for name in layers]
+    return round(tree_block_runs(space, queue_size, blocks, stop_after(blocks, depth, readout_blocks)) / depth)
 
 
 def env_settings(target):
