@@ -153,3 +153,14 @@ def test_without_torchao_the_export_refuses_in_one_line(tiny_dit, tmp_path, caps
     assert main(["export", "--quant", run, "--format", "torchao", "--out", str(tmp_path / "ao")]) == 2
     assert capsys.readouterr().err.strip().endswith("pip install torchao (make install does)")
     assert not (tmp_path / "ao").exists()
+
+
+def test_a_folder_holds_one_export(tiny_dit, tmp_path, capsys):
+    save_model(tiny_dit, tmp_path / "tiny")
+    run, out = str(tmp_path / "run"), tmp_path / "out"
+    assert main(["quantize", "--model", str(tmp_path / "tiny.safetensors"), "--config", "W4A4", "--out", run]) == 0
+    assert main(["export", "--quant", run, "--out", str(out)]) == 0
+    assert main(["export", "--quant", run, "--format", "torchao", "--out", str(out)]) == 2
+    assert "holds a packed export" in capsys.readouterr().err and not (out / "torchao.json").exists()
+    assert main(["export", "--quant", run, "--format", "torchao", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "packed.json").exists() and isinstance(load_run(out)[1].blocks[0].attn.qkv, TorchaoLinear)

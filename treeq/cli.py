@@ -292,6 +292,7 @@ def cmd_export(args):
 
     if args.format == "packed" and args.activation_bits != "run":
         raise ValueError("--activation-bits is the torchao export's; the packed export keeps the run's bits")
+    _one_export_per_folder(args)
     model = load_quantized(args.quant)
     if args.format == "torchao":
         from .deploy.torchao_export import export_torchao
@@ -302,6 +303,21 @@ def cmd_export(args):
     export(model, args.out)
     print(f"packed checkpoint in {args.out}/")
     return 0
+
+
+def _one_export_per_folder(args):
+    """A folder holds one export (a loader reads the first it finds): the other format's files are refused,
+    or with --overwrite removed, before any work."""
+    from .deploy import export, torchao_export
+    other = (export if args.format == "torchao" else torchao_export)
+    files = [Path(args.out) / name for name in (other.META_FILE, other.WEIGHTS_FILE)]
+    if not any(file.exists() for file in files):
+        return
+    if not args.overwrite:
+        raise ValueError(f"--out {args.out} holds a {'packed' if other is export else 'torchao'} export; choose "
+                         "another --out or pass --overwrite to replace it")
+    for file in files:
+        file.unlink(missing_ok=True)
 
 
 def _activation_bits(text):
