@@ -20,6 +20,7 @@ from ..deploy.backends import keep_freed_memory
 from ..deploy.export import export, load_exported
 from ..deploy.fold import fold_smoothing_
 from ..deploy.integer import IntLinear
+from ..deploy.torchao_export import to_torchao_, torchao_available
 from ..experiment import generate
 from ..models.load import load
 from ..models.registry import create_model
@@ -111,10 +112,7 @@ def _exported(quantized, resident):
 def _torchao_runtimes(quantized, setting, compiled):
     """{runtime: model} of the torchao export of `quantized` (none without torchao): at the run's bits, as
     W4A8 (4-bit settings), and the first compiled (its compilation happens in the untimed quality pass)."""
-    try:
-        from ..deploy.torchao_export import import_torchao, to_torchao_
-        import_torchao()
-    except ImportError:
+    if not torchao_available():
         return {}
     runtimes = {"torchao": to_torchao_(copy.deepcopy(quantized))}
     if setting != "W8A8":

@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 
 from ..deploy.backends import available_backends, keep_freed_memory
+from ..deploy.torchao_export import to_torchao_, torchao_available
+from ..methods.rotation import rotate_linear_
 from ..models.registry import config_for
 from ..quant.linear import QuantLinear
-from .kernels import _deployed, _dynamic, _quartiles, _samples, dit_linear_shapes, print_machine
+from .kernels import _copy, _deployed, _dynamic, _quartiles, _samples, dit_linear_shapes, print_machine
 
 SHAPES = tuple(shape for shape in dit_linear_shapes("xl", config_for("DiT-XL/2"), 1) if shape[1] > 1)
 
@@ -78,14 +80,8 @@ def _call(layer, x):
 
 def _torchao_kernels(linear, x, activations):
     """The torchao export of the same rotated W4A4 layer, at the run's bits and as W4A8 (none without torchao)."""
-    try:
-        from ..deploy.torchao_export import import_torchao, to_torchao_
-        import_torchao()
-    except ImportError:
+    if not torchao_available():
         return {}
-    from ..methods.rotation import rotate_linear_
-    from .kernels import _copy
-
     kernels = {}
     for label, activation_bits in (("torchao", "run"), ("torchao_w4a8", 8)):
         layer = rotate_linear_(QuantLinear.from_linear(_copy(linear), 4, 4, activations=activations))

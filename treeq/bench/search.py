@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from ..bits import average_bits, load_config, quantizable_layers
 from ..experiment import generate, measure
+from ..models.adapters import adapter_for
 from ..models.load import load
 from ..ptq.apply import quantize, set_bits_
 from ..ptq.calibration import load_or_collect, split_rows, spread_rows
-from ..models.adapters import adapter_for
 from ..search.cost import parse_target
 from ..search.estimate import stop_after, tree_block_runs
 from ..search.objective import ModelObjective, output_error

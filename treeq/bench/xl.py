@@ -116,8 +116,7 @@ def _triton(built, device, rows):
         for name in quantizable_layers(model):
             layer = model.get_submodule(name)
             layer.set_bits(4, 8)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, triton_w4a8.TritonW4A8Linear.from_quant_linear(layer))
+            model.set_submodule(name, triton_w4a8.TritonW4A8Linear.from_quant_linear(layer))
         return model
     model = _phase("triton W4A8 layers", rows, device, convert)
     built["W4A4"] = quantized.cpu()

@@ -55,6 +55,15 @@ ACTIVATION_BITS = ("run", 8)
 ANCHOR_COLUMNS = 8
 
 
+def torchao_available():
+    """Whether torchao imports here (benches leave its rows out where it does not)."""
+    try:
+        import_torchao()
+    except ImportError:
+        return False
+    return True
+
+
 def import_torchao():
     """torchao's quantization API, or a one-line error: it is an optional extra (`pip install torchao`).
 
@@ -121,13 +130,13 @@ def _anchors(x):
 
 
 def layer_kind(layer):
-    """How a QuantLinear at its current bits exports: "float", "torchao" or "treeq" (no torchao form)."""
+    """How a QuantLinear at its current bits exports: "float", "torchao" or "treeq" (no torchao form:
+    Int8Tensor has one scale per output row, no weight zero point, and per-token inputs only)."""
     if is_full_precision(layer.w_bits):
         return "float"
-    if is_full_precision(layer.a_bits):
-        return "torchao" if layer.symmetric and layer.group_size is None else "treeq"
-    dynamic = layer.activations in ("dynamic", "dynamic-asym")
-    return "torchao" if dynamic and layer.symmetric and layer.group_size is None else "treeq"
+    per_channel = layer.symmetric and layer.group_size is None
+    per_token_inputs = is_full_precision(layer.a_bits) or layer.activations != "static"
+    return "torchao" if per_channel and per_token_inputs else "treeq"
 
 
 def _torchao_weight(layer, quantized_inputs, anchored):
@@ -289,9 +298,7 @@ def _read_meta(meta_path):
 def _install(model, name, layer, source):
     """Put the empty module of one exported layer at `name`; load_state_dict(assign=True) fills it."""
     try:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, _empty(layer))
+        model.set_submodule(name, _empty(layer))
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: layer {name} cannot be rebuilt: {error}") from None
 

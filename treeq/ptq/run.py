@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from ..bits import load_config, save_config
 from ..deploy.export import META_FILE, load_exported
 from ..deploy.torchao_export import META_FILE as TORCHAO_META_FILE
+from ..deploy.torchao_export import load_torchao
 from ..io import atomic_write
 from ..models.checkpoint import CheckpointError
 from ..models.load import load
@@ -53,7 +54,6 @@ def load_run(folder):
     if (folder / META_FILE).exists():
         return None, load_exported(folder)
     if (folder / TORCHAO_META_FILE).exists():
-        from ..deploy.torchao_export import load_torchao
         return None, load_torchao(folder)
     if not (folder / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{folder} holds no quantization run ({CONFIG_FILE}), packed export ({META_FILE}) "
