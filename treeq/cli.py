@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .flags import add_dataclass_arguments, number  # noqa: E402  (light: no torch)
 from .search.pareto import BUDGET_WINDOW  # noqa: E402  (light: no torch)
+from .search.readouts import DEFAULT_READOUT, READOUTS  # noqa: E402  (light: no torch)
 
 # Shared ranges of flags that several commands take (docs/CLI-FLAGS.md lists every one).
 COUNT = number(int, 1)          # images, steps, sizes: at least one
@@ -339,6 +340,8 @@ _BENCHES = {
                                                  **_settings(a, "targets")}),
     "ablation": ("paper", "bench_ablation", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                                        **_settings(a, "targets")}),
+    "nodes": ("objective", "bench_node_agreement", lambda a: {"model": a.model or "default", "seed": a.seed,
+                                                              **_settings(a, "targets")}),
     "depth": ("search_analysis", "bench_depth", lambda a: {}),
     "search-cost": ("search_cost", "bench_search_cost", lambda a: {"device": a.device, "seed": a.seed}),
     # parts (blocks, quantize, tiny) and families (pixart, sd3, flux, sana, wan) in --settings; one thread
@@ -383,7 +386,7 @@ def cmd_search(args):
                      prompts=tuple(_prompts(args) or ()))
     result = run_search(recipe, args.target, args.method, out=args.out, env_bits=args.env_bits,
                         queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
-                        readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks,
+                        readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks, readout=args.readout,
                         evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost,
                         device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp,
                         budget_window=None if args.budget_window < 0 else args.budget_window,
@@ -416,6 +419,9 @@ def _add_search(sub):
                              "minutes; see docs/search-measurements.md)")
     search.add_argument("--readout-blocks", type=number(int, -1), default=1,
                         help="read the metric this many blocks past the segment; -1 = at the model output")
+    search.add_argument("--readout", choices=READOUTS, default=DEFAULT_READOUT,
+                        help="what a segment's metric reads --readout-blocks past it: its hidden tokens, or the "
+                             "head's output there read as the sampler's step (lens)")
     search.add_argument("--evaluations", type=COUNT, default=None,
                         help="evo/random: configurations to score (default: the tree search's upper bound)")
     search.add_argument("--cost", choices=("bops", "memory"), default="bops")

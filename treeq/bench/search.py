@@ -23,11 +23,12 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from ..bits import average_bits, load_config, quantizable_layers
+from .objective import psnr_difference, sample_errors
 from ..experiment import generate, measure
 from ..models.adapters import adapter_for
 from ..models.load import load
 from ..ptq.apply import quantize, set_bits_
-from ..ptq.calibration import load_or_collect, split_rows, spread_rows
+from ..ptq.calibration import load_or_collect, load_or_record_states, split_rows, spread_rows
 from ..search.cost import parse_target
 from ..search.estimate import stop_after, tree_block_runs
 from ..search.objective import ModelObjective, output_error
@@ -44,6 +45,9 @@ SCORED_ROWS = 16  # run_search's default calibration_rows
 # refined by coordinate descent on REFINE_ROWS rows the search did not score (search/refine.py).
 # tss+exchange: the tree's result improved by budget exchanges on the same rows (refine.exchange).
 # tss+ilp: the tree seeded with the integer program's configuration (run_search's seed_ilp).
+# tss-lens: nodes read the head's sampler step a block past their segment, not the hidden tokens.
+# ilp@output: the integer program on single-layer sensitivities read at the model output (HAWQ's reading),
+# not a block past the layer as the tree's nodes read them.
 # evo, random: as many evaluations as the tree made (each runs the whole model, the tree's mostly a few
 # blocks: about 10x the tree's compute at 28 blocks); evo@compute, random@compute: the tree's compute,
 # its block runs (search/estimate.py) over the model's depth in whole-model evaluations.
@@ -53,6 +57,8 @@ SEARCHES = {
     "ilp": {"method": "ilp"},
     "tss-plain": {"method": "tss", "budget_window": None},
     "tss": {"method": "tss"},
+    "tss-lens": {"method": "tss", "readout": "lens"},
+    "ilp@output": {"method": "ilp", "readout_blocks": None},
     "tss+refine": {"method": "tss", "refine_sweeps": REFINE_SWEEPS, "refine_rows": REFINE_ROWS},
     "tss+exchange": {"method": "tss", "exchange_rounds": EXCHANGE_ROUNDS, "refine_rows": REFINE_ROWS},
     "tss+ilp": {"method": "tss", "seed_ilp": True},
@@ -98,9 +104,10 @@ def searched(target, method, folder=FOLDER, evaluations=None, recipe=SEARCH_RECI
 
 def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, folder=FOLDER, model="default"):
     """Rows {target, method, evaluations, seconds, bops_bits, search_metric, held_out, fid, sfid, class_accuracy,
-    psnr_vs_fp} on the testbed `model` (default or deep). held_out: the configuration's model-output error
-    on the calibration rows that neither the search (its SCORED_ROWS) nor tss+refine (its REFINE_ROWS) saw,
-    the same rows for every method."""
+    psnr_vs_fp, psnr_minus_ilp} on the testbed `model` (default or deep). held_out: the configuration's
+    objective (one sampler step) on the trajectory states that neither the search (its SCORED_ROWS) nor
+    tss+refine (its REFINE_ROWS) saw, the same states for every method. psnr_minus_ilp: PSNR vs FP minus the
+    ilp row's at the target, with its paired bootstrap interval (when ilp runs before it)."""
     unknown = [method for method in methods if method not in SEARCHES]
     if unknown:
         raise ValueError(f"unknown bench search method {unknown[0]!r}; known: {', '.join(SEARCHES)}")
@@ -111,7 +118,9 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
     rows = [{"target": "FP32", "method": "-", "evaluations": None, "seconds": None, "bops_bits": 32.0,
              "search_metric": None, "held_out": None, **_quality(measure(fp_images, labels), "sfid")}]
     calibration = load_or_collect(model, **recipe.calibration_options())
-    *_, held_out = split_rows(calibration, (SCORED_ROWS, REFINE_ROWS), model)
+    states = load_or_record_states(model, **recipe.calibration_options())
+    *_, held_out = split_rows(states, (SCORED_ROWS, REFINE_ROWS), model)
+    errors = {}
     for target in targets:
         tss_evaluations = None
         for method in tqdm(methods, desc=f"search and sample ({target})"):
@@ -124,11 +133,21 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
             quantized = quantize(model, config, recipe, calibration=calibration)
             error = output_error(quantized, held_out, config)
             images, _, _ = generate(quantized, num_samples, seed, progress=False)
+            errors[target, method] = sample_errors(images, fp_images)
             rows.append({"target": target, "method": method, "evaluations": summary["evaluations"],
                          "seconds": summary["seconds"], "bops_bits": average_bits(config, model),
                          "search_metric": summary["metric"], "held_out": error,
-                         **_quality(measure(images, labels, fp_images), "sfid")})
+                         **_quality(measure(images, labels, fp_images), "sfid"),
+                         "psnr_minus_ilp": _against(errors, target, method)})
     return rows
+
+
+def _against(errors, target, method, baseline="ilp"):
+    """PSNR vs FP of a row minus the baseline's at its target, with its paired 95% interval, as text."""
+    if (target, baseline) not in errors or method == baseline:
+        return None
+    difference, low, high = psnr_difference(errors[target, method], errors[target, baseline])
+    return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def tree_compute_evaluations(model, target, queue_size=16, readout_blocks=1):

@@ -7,6 +7,8 @@ generator seeded by (seed, i), so a sample does not depend on the batch size, th
 lands in or the process that draws it: the full-precision and a quantized model see
 identical noise (PSNR-vs-FP needs that), and sharded runs reproduce a single process.
 """
+import copy
+
 import diffusers
 import numpy as np
 import torch
@@ -66,16 +68,18 @@ def initial_noise(generators, shape):
 @torch.no_grad()
 def denoise_loop(model, noise, labels, *, sampler="dpm++", steps=20, cfg_scale=1.0, null_class=None,
                  clip_sample=False, guidance_channels=None, scheduler=None, generator=None,
-                 on_model_input=None, bar=None):
+                 on_model_input=None, on_step=None, bar=None):
     """One batch from noise to model-space samples (pixels or latents). `on_model_input(x, t, y)`
     sees every model call's inputs (calibration collects them there); with guidance these are the
-    doubled cond + null batch. The scheduler runs in float32 whatever the model's dtype."""
+    doubled cond + null batch. `on_step(x, t, out, advance)` sees each step before it is taken: the
+    sampler's latent, the (guided) model output and `advance(o)`, the latent this step would reach from
+    output o, on a copy of the sampler's state (trajectory states are measured there). The scheduler
+    runs in float32 whatever the model's dtype."""
     learn_sigma = getattr(model.config, "learn_sigma", True)
     scheduler = make_scheduler(sampler, clip_sample, scheduler, learn_sigma)
     scheduler.set_timesteps(steps)
     model_dtype = next(model.parameters()).dtype
     x = noise.float() * scheduler.init_noise_sigma
-    channels = noise.shape[1]
     # DDPM with a learned variance reads the variance channels; every other step takes epsilon only
     full_output = scheduler.config.get("variance_type") in ("learned", "learned_range")
     guided = cfg_scale != 1.0
@@ -94,18 +98,34 @@ def denoise_loop(model, noise, labels, *, sampler="dpm++", steps=20, cfg_scale=1
                 on_model_input(x_model, t_batch, labels)
             out = model(x_model.to(model_dtype), t_batch, labels)
         out = out.float()
-        if not full_output:
-            out = out[:, :channels]
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        if on_step is not None:
+            on_step(x, t, out, lambda o, x=x, t=t: _advance(copy.deepcopy(scheduler), o, t, x, _cloned(generator),
+                                                             full_output))
+        x = _advance(scheduler, out, t, x, generator, full_output)
         if bar is not None:
             bar.update(len(x))
     return x.clamp(-1, 1) if clip_sample else x
 
 
+def _advance(scheduler, out, t, x, generator, full_output):
+    """The step the sampler takes from model output `out`: DDPM with a learned variance reads the variance
+    channels, every other sampler the first len(x's channels) (epsilon) only."""
+    if not full_output:
+        out = out[:, :x.shape[1]]
+    return scheduler.step(out, t, x, generator=generator).prev_sample
+
+
+def _cloned(generators):
+    """Copies of the samples' generators: a probed step draws the noise the real step will draw."""
+    if generators is None:
+        return None
+    return [torch.Generator().set_state(g.get_state()) for g in generators]
+
+
 @torch.no_grad()
 def sample(model, labels, *, sampler="dpm++", steps=20, cfg_scale=1.0, seed=0, batch_size=250,
            clip_sample=False, guidance_channels=None, scheduler=None, indices=None, progress=True,
-           on_model_input=None, bar=None):
+           on_model_input=None, on_step=None, bar=None):
     """Model-space samples (float32) for `labels` (N,), in batches on the model's device.
 
     Sample k is the run's sample number `indices[k]` (default k) and draws its noise from seed
@@ -128,7 +148,8 @@ def sample(model, labels, *, sampler="dpm++", steps=20, cfg_scale=1.0, seed=0, b
             images.append(denoise_loop(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                                        null_class=config.num_classes, clip_sample=clip_sample,
                                        guidance_channels=guidance_channels, scheduler=scheduler,
-                                       generator=generators, on_model_input=on_model_input, bar=bar))
+                                       generator=generators, on_model_input=on_model_input, on_step=on_step,
+                                       bar=bar))
     return torch.cat(images)
 
 

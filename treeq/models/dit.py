@@ -285,12 +285,17 @@ class DiT(nn.Module):
         the official code, which guides only the first three of the four latent channels.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        n_guided = self.in_channels if guidance_channels is None else guidance_channels
-        eps, rest = out[:, :n_guided], out[:, n_guided:]
-        cond_eps, uncond_eps = eps.chunk(2)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+        cond, uncond = self.forward(torch.cat([half, half]), t, y).chunk(2)
+        channels = self.in_channels if guidance_channels is None else guidance_channels
+        guided = guided_output(cond, uncond, cfg_scale, channels)
+        return torch.cat([guided, torch.cat([guided[:, :channels], uncond[:, channels:]], dim=1)])
+
+
+def guided_output(cond, uncond, cfg_scale, channels):
+    """What the sampler reads for conditional rows and their null pairs: guidance on the first `channels`
+    channels (the noise), the conditional row's own values beyond them (the learned variance)."""
+    eps = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([eps, cond[:, channels:]], dim=1)
 
 
 def sincos_pos_embed_2d(dim, grid_size):

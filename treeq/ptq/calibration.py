@@ -14,9 +14,11 @@ import torch
 from ..io import atomic_write
 from ..models.adapters import CallInputs, adapter_for
 from ..models.adapters.dit import DiTAdapter
+from ..diffusion import trajectory
 from ..diffusion.defaults import sampling_defaults
 from ..diffusion.pipelines import collect_pipeline_calibration, is_pipeline_model, pipeline_settings
 from ..diffusion.sampling import balanced_labels, sample
+from ..diffusion.trajectory import TrajectoryStates
 
 DEFAULT_CACHE = Path("runs") / "calibration"
 # Part of every cache key: bump it when the collection changes (2: per-sample noise seeds), so a
@@ -88,7 +90,7 @@ def split_rows(calibration, counts, model=None):
     Why: a search scores its candidates on the first set; a refinement that picks among configurations
     on rows the search never saw, and a held-out error measured on rows neither saw, tell whether a
     choice generalises or was fitted to its rows."""
-    adapter = DiTAdapter() if model is None else adapter_for(model)
+    adapter = _rows_view(calibration, model)
     left = torch.arange(adapter.num_rows(calibration))
     parts = []
     for name, count in zip(("calibration_rows", "refine_rows"), counts):
@@ -100,3 +102,29 @@ def split_rows(calibration, counts, model=None):
         left = left[torch.isin(torch.arange(len(left)), chosen, invert=True)]
     parts.append(left)
     return [adapter.select_rows(calibration, index) for index in parts]
+
+
+def num_rows(calibration, model=None):
+    """Rows of a calibration set (states of TrajectoryStates)."""
+    return _rows_view(calibration, model).num_rows(calibration)
+
+
+def _rows_view(calibration, model):
+    if isinstance(calibration, TrajectoryStates):  # a state and its null pair stay together
+        return _States()
+    return DiTAdapter() if model is None else adapter_for(model)
+
+
+class _States:
+    """split_rows' view of TrajectoryStates: a row is a state."""
+
+    def num_rows(self, states):
+        return len(states)
+
+    def select_rows(self, states, index):
+        return states.select(index)
+
+
+def load_or_record_states(model, cache_dir=DEFAULT_CACHE, **options):
+    """The trajectory states of the calibration set's trajectories (diffusion/trajectory.py), cached beside it."""
+    return trajectory.load_or_record_states(model, cache_dir, model_fingerprint(model), **options)

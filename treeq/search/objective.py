@@ -1,18 +1,23 @@
-"""The model scorer of the search: end-to-end MSE to full precision under Environmental Noise Guidance.
+"""The model scorer of the search: the error of what the sampler uses, under Environmental Noise Guidance.
 
-While a segment of layers is scored, every other quantizable layer runs at `env_bits` (ENG, TreeQ
-paper; 32 = full precision). A DiT is a chain of blocks (its family's adapter runs it in pieces), so
-the state entering the segment's first block depends only on the environment: it is cached per
-(block, env_bits) and each candidate
-runs from that block on, to the output or (readout_blocks) a few blocks past the segment; blocks
-before the first layer where a candidate differs from the previous one are not run again.
+Scored on trajectory states (diffusion/trajectory.py), a configuration's error is that of the latent after
+one sampler step from full-precision states: guidance applied as the sampler applies it, only the output
+channels the sampler reads, weighted by how much the step moves with them. (Scored on plain calibration rows,
+as the text-to-image families still are, it is the MSE of the model output.) While a segment of layers is
+scored, every other quantizable layer runs at `env_bits` (ENG, TreeQ paper; 32 = full precision). A DiT is a
+chain of blocks (its family's adapter runs it in pieces), so the state entering the segment's first block
+depends only on the environment: it is cached per (block, env_bits) and each candidate runs from that block
+on, to the output or (readout_blocks) a few blocks past the segment; blocks before the first layer where a
+candidate differs from the previous one are not run again.
 """
 import torch
 
 from ..bits import check_bits, quantizable_layers
+from ..diffusion.trajectory import TrajectoryStates
 from ..models.adapters import adapter_for
 from ..ptq.apply import set_bits_
 from ..quant.linear import QuantLinear
+from .readouts import DEFAULT_READOUT, READOUTS
 
 
 def mse_per_row(output, reference):
@@ -20,17 +25,34 @@ def mse_per_row(output, reference):
     return (output - reference).pow(2).flatten(1).mean(dim=1)
 
 
+def batches_of(adapter, calibration, batch_size, device):
+    """(model inputs, step weights) per batch: `batch_size` trajectory states (weights: their J), or
+    `batch_size` plain calibration rows (weights None)."""
+    if isinstance(calibration, TrajectoryStates):
+        return list(calibration.batches(batch_size, device))
+    return [(inputs, None) for inputs in adapter.batches(calibration, batch_size, device)]
+
+
+def sampler_output(calibration, output, weights):
+    """What the objective compares at the model output: the sampler's step from it (trajectory states) or
+    the output itself (plain rows)."""
+    return output if weights is None else calibration.consumed(output, weights)
+
+
 def output_error(model, calibration, config, *, batch_size=64, metric=mse_per_row):
-    """The metric of `config` at the model output against full precision, averaged over every row of
-    `calibration`: what a search's choice is judged by on rows it did not score. Leaves `model` at `config`."""
+    """The objective of `config` with the whole model scored, against full precision, averaged over every row
+    (state) of `calibration`: what a search's choice is judged by on rows it did not score. Leaves `model`
+    at `config`."""
     adapter = adapter_for(model)
-    device = next(model.parameters()).device
-    batches = list(adapter.batches(calibration, batch_size, device))
+    batches = batches_of(adapter, calibration, batch_size, next(model.parameters()).device)
+
+    def outputs():
+        return [sampler_output(calibration, adapter.forward(model, inputs), weights) for inputs, weights in batches]
     with torch.no_grad():
         set_bits_(model, {})
-        reference = [adapter.forward(model, inputs) for inputs in batches]
+        reference = outputs()
         set_bits_(model, config)
-        errors = [metric(adapter.forward(model, inputs), fp) for inputs, fp in zip(batches, reference)]
+        errors = [metric(output, fp) for output, fp in zip(outputs(), reference)]
     return torch.cat(errors).mean().item()
 
 
@@ -46,14 +68,19 @@ class ModelObjective:
     """score(start, end, assignments) -> metrics for a model whose every quantizable layer is a QuantLinear.
 
     model: e.g. quantize(model, uniform_config(model, 8, 8), recipe); its bits are switched in
-    place. calibration: the model family's inputs ((x_t, t, y) for our DiT). readout_blocks: None reads the metric at the model output; k reads
-    it on the hidden tokens k blocks after the segment's last block (at the output when that passes the
-    last block) - cheaper, and only candidates of one segment are ever compared. metric(output,
-    reference) -> per-row errors, averaged over rows. batch_size: calibration rows per forward.
+    place. calibration: TrajectoryStates (the error of one sampler step is read at the output), or the model
+    family's inputs ((x_t, t, y) for our DiT; the output itself is read). readout_blocks: None reads the
+    metric at the model output; k reads it on the hidden tokens k blocks after the segment's last block (at
+    the output when that passes the last block) - cheaper, and only candidates of one segment are ever
+    compared. readout: what is read there, "hidden" (the tokens) or "lens" (the model's head run on them,
+    then what the output is read as: the sampler's step on trajectory states). metric(output, reference) ->
+    per-row errors, averaged over rows (states at the output).
+    batch_size: calibration rows (states) per forward.
     Memory: the cache holds up to depth hidden states of all calibration rows.
     """
 
-    def __init__(self, model, calibration, env_bits, *, readout_blocks=None, batch_size=320, metric=mse_per_row):
+    def __init__(self, model, calibration, env_bits, *, readout_blocks=None, readout="hidden", batch_size=320,
+                 metric=mse_per_row):
         self.layers = quantizable_layers(model)
         plain = [name for name in self.layers if not isinstance(model.get_submodule(name), QuantLinear)]
         if plain:
@@ -62,6 +89,9 @@ class ModelObjective:
         if readout_blocks is not None and (isinstance(readout_blocks, bool) or not isinstance(readout_blocks, int)
                                            or readout_blocks < 0):
             raise ValueError(f"readout_blocks must be None or an int >= 0, got {readout_blocks!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+        self.readout = readout
         self.model = model.eval()
         self.adapter = adapter_for(model)
         self.modules = [model.get_submodule(name) for name in self.layers]
@@ -72,8 +102,9 @@ class ModelObjective:
         self.readout_blocks = readout_blocks
         self.metric = metric
         device = next(model.parameters()).device
-        self.rows = self.adapter.num_rows(calibration)
-        self._batches = list(self.adapter.batches(calibration, batch_size, device))
+        self.calibration = calibration
+        self.rows = len(calibration) if isinstance(calibration, TrajectoryStates) else self.adapter.num_rows(calibration)
+        self._batches, self._weights = zip(*batches_of(self.adapter, calibration, batch_size, device))
         with torch.no_grad():
             set_bits_(model, {})  # full precision: the reference
             self._embedded = [self.adapter.embed(model, inputs) for inputs in self._batches]
@@ -82,16 +113,17 @@ class ModelObjective:
             states = self._embedded
             for block in range(self.depth):
                 states = [self.adapter.run_blocks(model, state, block, block + 1) for state in states]
-                self._reference[block + 1] = [self.adapter.readout(state) for state in states]
-            self._reference[self.depth + 1] = [self.adapter.head(model, inputs, state)
-                                               for inputs, state in zip(self._batches, states)]
+                self._reference[block + 1] = [self._read(index, state) for index, state in enumerate(states)]
+            self._reference[self.depth + 1] = [self._output(index, state) for index, state in enumerate(states)]
         self._entering_cache = {}
 
     @property
     def settings(self):
         """What the metrics depend on besides the model: a resumed search refuses other settings."""
         return {"env_bits": self.env_bits, "rows": self.rows, "readout_blocks": self.readout_blocks,
-                "metric": getattr(self.metric, "__name__", repr(self.metric))}
+                "readout": self.readout,
+                "metric": getattr(self.metric, "__name__", repr(self.metric)),
+                "objective": "sampler_step" if isinstance(self.calibration, TrajectoryStates) else "model_output"}
 
     def set_env_bits(self, env_bits):
         self.env_bits = check_bits(env_bits)
@@ -158,11 +190,20 @@ class ModelObjective:
     def _measure(self, states, stop):
         """The metric of the states leaving block stop - 1 (through the head when that is the last block)."""
         errors = []
-        for inputs, state, reference in zip(self._batches, states,
-                                            self._reference[stop + 1 if stop == self.depth else stop]):
-            output = self.adapter.head(self.model, inputs, state) if stop == self.depth else self.adapter.readout(state)
+        for index, (state, reference) in enumerate(zip(states, self._reference[stop + 1 if stop == self.depth
+                                                                               else stop])):
+            output = self._output(index, state) if stop == self.depth else self._read(index, state)
             errors.append(self.metric(output, reference))
         return torch.cat(errors).mean().item()
+
+    def _read(self, index, state):
+        """What a readout block gives: its hidden tokens, or the head's reading of them (readout "lens")."""
+        return self._output(index, state) if self.readout == "lens" else self.adapter.readout(state)
+
+    def _output(self, index, state):
+        """What batch `index` gives at the output from the state leaving the last block (sampler_output)."""
+        output = self.adapter.head(self.model, self._batches[index], state)
+        return sampler_output(self.calibration, output, self._weights[index])
 
     def _set_environment(self):
         for module in self.modules:

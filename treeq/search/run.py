@@ -14,12 +14,11 @@ import torch
 
 from ..bits import save_config, uniform_config
 from ..io import atomic_write
-from ..models.adapters import adapter_for
 from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .estimate import describe, estimate_tree_search
-from .objective import ModelObjective, output_error
+from .objective import DEFAULT_READOUT, ModelObjective, output_error
 from .refine import exchange, refine
 from .space import DEFAULT_CANDIDATES, SearchSpace, budget_for, parse_candidates
 from .state import LoggedScorer
@@ -33,7 +32,7 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 
 
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
-               candidates=None, calibration_rows=16, readout_blocks=1, evaluations=None, seed=0, resume=False,
+               candidates=None, calibration_rows=16, readout_blocks=1, readout=DEFAULT_READOUT, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
                calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
@@ -50,7 +49,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     (the Python API); by default the recipe's model is loaded and its calibration collected (and cached)."""
     from ..models.load import load
     from ..ptq.apply import quantize
-    from ..ptq.calibration import load_or_collect, split_rows
+    from ..ptq.calibration import load_or_collect, num_rows, split_rows
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
@@ -86,12 +85,14 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         calibration = load_or_collect(model, **recipe.calibration_options())
     if distributed and writer:
         torch.distributed.barrier()
+    scored = objective_rows(model, calibration, recipe)
     # A bad row count is refused before quantizing.
-    rows, *refined, held_out = split_rows(calibration, (calibration_rows, *([refine_rows] if refine_rows else [])), model)
+    rows, *refined, held_out = split_rows(scored, (calibration_rows, *([refine_rows] if refine_rows else [])), model)
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
-    objective = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks)
+    objective = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks,
+                               readout=readout)
     scorer = objective
     if distributed:
         from .distributed import DistributedScorer
@@ -127,17 +128,18 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         result = exchange(refiner, space, costs, bits, result, exchange_rounds)
     if refine_sweeps:
         result = refine(refiner, space, costs, bits, result, refine_sweeps)
-    held_out_metric = output_error(quantized, held_out, result.config) if adapter_for(model).num_rows(held_out) else None
+    held_out_metric = output_error(quantized, held_out, result.config) if num_rows(held_out) else None
     if writer:
         save_config(result.config, out)
         settings = {"recipe": recipe.to_dict(), "target": bits, "method": method, "env_bits": env_bits,
                     "queue_size": queue_size, "candidates": [list(pair) for pair in space.candidates[0]]
                     if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": objective.rows,
-                    "readout_blocks": readout_blocks, "cost": cost, "seed": seed,
+                    "readout_blocks": readout_blocks, "readout": readout, "objective": objective.settings["objective"],
+                    "cost": cost, "seed": seed,
                     "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
                     "budget_window": budget_window if method == "tss" else None}
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
-                           "held_out_rows": adapter_for(model).num_rows(held_out), "front": result.front}, indent=1)
+                           "held_out_rows": num_rows(held_out), "front": result.front}, indent=1)
         atomic_write(f"{stem}.results.json", lambda p: p.write_text(text))
         if method == "tss":
             from .plots import plot_front, plot_levels
@@ -145,6 +147,18 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             plot_front(result.front, f"{stem}-front.png", chosen={"average_bits": result.average_bits,
                                                                   "metric": result.metric})
     return result
+
+
+def objective_rows(model, calibration, recipe):
+    """What every method's objective is scored on: trajectory states of the calibration trajectories (the
+    error of one sampler step), where the model samples through our loop (the DiT); the calibration rows
+    themselves (model-output MSE) for the text-to-image families, whose pipelines guide in their own code."""
+    from ..diffusion.pipelines import is_pipeline_model
+    from ..ptq.calibration import load_or_record_states
+
+    if is_pipeline_model(model):
+        return calibration
+    return load_or_record_states(model, **recipe.calibration_options())
 
 
 def _check_settings(out, method, resume, queue_size, evaluations, env_bits):
