@@ -446,7 +446,8 @@ def _add_search(sub):
     search.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any)")
     search.add_argument("--out", default="bits.json")
     _add_prompts(search)
-    search.set_defaults(func=cmd_search, kept=_search_kept)
+    _add_overwrite(search)
+    search.set_defaults(func=cmd_search, kept=_search_kept, output_kind="bits", inputs=("model", "prompts"))
 
 
 def _search_kept(args):
@@ -459,7 +460,8 @@ def _search_kept(args):
 
 def _add_overwrite(parser):
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out folder of another kind (refused without it)")
+                        help="replace a non-empty --out folder of another kind, or a file treeq did not write "
+                             "(refused without it)")
 
 
 def _add_sampling(parser, num_samples):

@@ -1,4 +1,5 @@
 """Atomic file writes: a failure never leaves half a file where a good one was expected."""
+import json
 import os
 from pathlib import Path
 
@@ -25,23 +26,81 @@ FOLDER_KINDS = {
 }
 
 
+# Names other tools use too: they mark a folder's kind (check_output's same-kind rule) but not, alone,
+# a TreeQ output to keep other outputs out of (a search's bits.json may stand in any folder).
+COMMON_NAMES = {"bits.json", "config.json", "log.jsonl", "parts"}
+
+
+def output_folder_kinds(folder):
+    """The kinds of TreeQ output `folder` certainly is: by the files only that command writes."""
+    folder = Path(folder)
+    return {kind for kind, names in FOLDER_KINDS.items()
+            if any((folder / name).exists() for name in names if name not in COMMON_NAMES)}
+
+
 def folder_kinds(folder):
     """The kinds of TreeQ output whose files `folder` holds (empty for an empty or foreign folder)."""
     folder = Path(folder)
     return {kind for kind, names in FOLDER_KINDS.items() if any((folder / name).exists() for name in names)}
 
 
+# Files that make a folder a model: a diffusers pipeline, a transformer or VAE folder, weights.
+MODEL_FILES = ("model_index.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+               "diffusion_pytorch_model.safetensors.index.json", "scheduler_config.json")
+# Outputs that are one file, and how to tell one this command wrote (it may replace those).
+FILE_KINDS = {"bits": lambda path: _is_bit_config(path)}
+
+
+def is_model_folder(folder):
+    """A diffusers pipeline, transformer, VAE or scheduler folder: a model's files, never an output."""
+    folder = Path(folder)
+    if any((folder / name).exists() for name in MODEL_FILES):
+        return True
+    config = folder / "config.json"
+    try:
+        return config.is_file() and "_class_name" in json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _is_bit_config(path):
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(data, dict) and all(isinstance(v, dict) and set(v) == {"w_bits", "a_bits"} for v in data.values())
+
+
 def check_output(out, kind, inputs=(), overwrite=False):
-    """Refuse an --out that would destroy or mix runs, before any work: one that is (or holds) an input of
-    the command, a file, or a non-empty folder of another kind unless `overwrite`, which then removes it.
-    A folder of the same kind is accepted: the commands resume or rewrite it themselves."""
+    """Refuse an --out that would destroy inputs or mix runs, before any work (one check for every command):
+    - one that is, holds or lies inside an input of the command;
+    - one that is or lies inside a model or pipeline folder, or lies inside a TreeQ output folder;
+    - a file of a one-file kind (FILE_KINDS) that this kind did not write, unless `overwrite`;
+    - a file where a folder goes, or a non-empty folder of another kind unless `overwrite`, which then
+      removes it. A folder of the same kind is accepted: the commands resume or rewrite it themselves."""
     import shutil
 
     out = Path(out)
     resolved = out.resolve()
     for source in (Path(i) for i in inputs if i):
-        if source.exists() and (source.resolve() == resolved or resolved in source.resolve().parents):
-            raise ValueError(f"--out {out} is or holds its own input {source}; choose another --out")
+        if source.exists():
+            source_path = source.resolve()
+            if source_path == resolved or resolved in source_path.parents or source_path in resolved.parents:
+                raise ValueError(f"--out {out} is, holds or lies inside its own input {source}; choose another --out")
+    for folder in (resolved, *resolved.parents):
+        if folder.is_dir() and is_model_folder(folder):
+            raise ValueError(f"--out {out} would write into the model folder {folder}; choose another --out")
+    for folder in resolved.parents:
+        if output_folder_kinds(folder):
+            raise ValueError(f"--out {out} lies inside the TreeQ {', '.join(sorted(output_folder_kinds(folder)))} folder "
+                             f"{folder}; choose another --out")
+    if kind in FILE_KINDS:
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a file, e.g. {out / 'bits.json'}")
+        if out.exists() and not FILE_KINDS[kind](out) and not overwrite:
+            raise ValueError(f"--out {out} exists and is not a file `treeq` writes there; choose another --out or "
+                             "pass --overwrite to replace it")
+        return
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
     if not out.exists() or not any(out.iterdir()) or kind in folder_kinds(out):
