@@ -123,8 +123,24 @@ def test_fp_eval_has_null_psnr(tiny_path, capsys):
     (["quantize", "--model", "TINY", "--config", "BROKEN", "--out", "OUT"], "broken.json: not a bit configuration"),
     (["quantize", "--model", "TINY", "--method", "lowrank,smooth", "--out", "OUT"], "cannot follow lowrank"),
     (["quantize", "--model", "TINY", "--method", "smooth", "--out", "OUT", "--clip", "p99"], "invalid choice"),
-    (["eval", "--quant", "NOTRUN", "--num-samples", "2"], "not a TreeQ run"),
+    (["eval", "--quant", "NOTRUN", "--num-samples", "10"], "not a TreeQ run"),
     (["quantize", "--model", "TINY", "--method", "lowrank", "--branch", "monarch", "--out", "OUT"], "both a branch"),
+    # flags that would do nothing, checked against the loaded model before any work
+    (["sample", "--model", "TINY", "--guidance-channels", "99", "--out", "OUT"], "guidance_channels must be in 1..1"),
+    (["sample", "--model", "TINY", "--prompts", "PROMPTS", "--out", "OUT"], "class-conditional"),
+    (["quantize", "--model", "TINY", "--prompts", "PROMPTS", "--method", "gptq", "--out", "OUT"], "class-conditional"),
+    (["search", "--model", "TINY", "--prompts", "PROMPTS", "--out", "OUT.json"], "class-conditional"),
+    (["sample", "--quant", "EMPTY", "--model", "TINY", "--out", "OUT"], "--model does not apply"),
+    # devices this machine lacks, before loading
+    (["sample", "--model", "TINY", "--device", "tpu", "--out", "OUT"], "--device tpu is not a device; available here: cpu"),
+    (["search", "--model", "TINY", "--device", "cuda:7", "--out", "OUT.json"], "--device cuda:7 is not available"),
+    (["sample", "--model", "TINY", "--device", "nonsense", "--out", "OUT"], "is not a device"),
+    # files and counts that failed late, before loading
+    (["eval", "--model", "TINY", "--num-samples", "2"], "at least 10"),
+    (["bench", "fp", "--num-samples", "9"], "at least 10"),
+    (["sample", "--model", "TINY", "--prompts", "MISSING", "--out", "OUT"], "no such file"),
+    (["sample", "--model", "TINY", "--prompts", "BINARY", "--out", "OUT"], "not UTF-8"),
+    (["sample", "--model", "TINY", "--prompts", "BLANK", "--out", "OUT"], "holds no prompts"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_path, tmp_path, capsys):
     (tmp_path / "bits.json").write_text(json.dumps({"blocks.7.attn.qkv": {"w_bits": 4, "a_bits": 4}}))
@@ -132,9 +148,14 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_path, tmp_path, ca
     (tmp_path / "empty").mkdir()
     (tmp_path / "notrun").mkdir()
     (tmp_path / "notrun" / "config.json").write_text('{"method": "rtn"}')
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "blank.txt").write_text("\n  \n")
     replace = {"TINY": tiny_path, "BITS": str(tmp_path / "bits.json"), "OUT": str(tmp_path / "out"),
                "EMPTY": str(tmp_path / "empty"), "BROKEN": str(tmp_path / "broken.json"),
-               "NOTRUN": str(tmp_path / "notrun")}
+               "NOTRUN": str(tmp_path / "notrun"), "OUT.json": str(tmp_path / "out.json"),
+               "PROMPTS": str(tmp_path / "prompts.txt"), "MISSING": str(tmp_path / "missing.txt"),
+               "BINARY": str(tmp_path / "binary.txt"), "BLANK": str(tmp_path / "blank.txt")}
     assert main([replace.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("treeq: error:") and message in err and "\n" not in err
@@ -178,7 +199,7 @@ def test_cuda_without_a_gpu_is_one_line(tiny_path, tmp_path, capsys):
     for argv in (["quantize", "--model", tiny_path, "--out", str(tmp_path / "q")],
                  ["sample", "--model", tiny_path, *FAST, "--out", str(tmp_path / "s")]):
         assert main([*argv, "--device", "cuda"]) == 2
-        assert "--device cuda asked for, but torch sees no CUDA device" in capsys.readouterr().err
+        assert "--device cuda is not available here; available: cpu" in capsys.readouterr().err
 
 
 def test_quantize_passes_the_ilp_seed_to_its_search(tiny_path, tmp_path, monkeypatch):

@@ -87,6 +87,9 @@ def cmd_sample(args):
         return _sample_family(model, args)
     rank, world_size, device = setup(args.device)
     try:
+        if args.prompts:
+            raise ValueError(f"--prompts condition text-to-image families; {type(model).__name__} is class-conditional "
+                             "(give --classes)")
         model = prepare_model(model, device, args.dtype, quantized=bool(args.quant))
         vae, vae_path = latent_decoder(model, args.vae, device, args.dtype)
         settings = resolve_sampling(model, **_sampling_overrides(args))
@@ -278,6 +281,9 @@ def cmd_finetune(args):
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     teacher = load(recipe.model)
     if is_pipeline_model(teacher):  # a text-to-image family learns on the inputs its pipeline recorded
+        if config.label_dropout != FinetuneConfig.label_dropout:
+            raise ValueError(f"--label-dropout drops class labels; {type(teacher).__name__} is conditioned on text "
+                             "and learns on its recorded calibration inputs")
         images, labels = load_or_collect(teacher, **recipe.calibration_options()), None
     else:
         images, labels = mnist("train")
@@ -643,10 +649,30 @@ def _check_before_work(args):
             raise ValueError(f"--resume continues a tree search (--method tss); {args.method} keeps no state")
         if not Path(state[1]).exists():
             raise FileNotFoundError(f"nothing to resume: no {state[1]}; run without --resume to start afresh")
+    if getattr(args, "device", None):
+        from .distributed import check_device
+        check_device(args.device)
+    if getattr(args, "prompts", None):
+        _prompts(args)  # missing, empty or unreadable: refused before loading
+    _check_sample_count(args)
+    if args.command == "sample" and args.quant and args.model != "default":
+        raise ValueError("sample --quant runs the model its run folder names; --model does not apply (give one "
+                         "of them)")
     if getattr(args, "output_kind", None):
         from .io import check_output
         check_output(args.out, args.output_kind, [getattr(args, name, None) for name in args.inputs],
                      overwrite=args.overwrite)
+
+
+def _check_sample_count(args):
+    """Measured samples: the Inception Score's splits need at least MIN_MEASURED of them."""
+    from .eval.limits import MIN_MEASURED
+
+    measured = (args.command == "eval" and not args.samples) or (
+        args.command == "bench" and "num_samples" in _BENCHES[args.which][2](args))
+    if measured and args.num_samples < MIN_MEASURED:
+        raise ValueError(f"--num-samples {args.num_samples}: measuring samples needs at least {MIN_MEASURED} "
+                         "(the Inception Score's splits)")
 
 
 def _interrupted(args, argv):

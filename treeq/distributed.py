@@ -20,11 +20,16 @@ def world():
 
 
 def check_device(device):
-    """torch.device(device), refusing CUDA where torch sees none."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but torch sees no CUDA device")
-    return device
+    """torch.device(device), refusing one this machine lacks in one line that names what it has."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = "cpu" + (f", cuda:0..{count - 1}" if count else "")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device} is not a device; available here: {available}") from None
+    if parsed.type not in ("cpu", "cuda") or (parsed.type == "cuda" and (parsed.index or 0) >= count):
+        raise ValueError(f"--device {device} is not available here; available: {available}")
+    return parsed
 
 
 def setup(device):

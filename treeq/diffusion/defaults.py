@@ -65,4 +65,8 @@ def resolve_sampling(model, **overrides):
     if unknown:
         raise ValueError(f"unknown sampling settings: {', '.join(unknown)}")
     settings.update({key: value for key, value in overrides.items() if value is not None})
+    channels = settings["guidance_channels"]
+    if channels is not None and not 1 <= channels <= model.config.in_channels:
+        raise ValueError(f"guidance_channels must be in 1..{model.config.in_channels} (the model's noise channels), "
+                         f"got {channels}")
     return check_sampling(settings)

@@ -31,7 +31,13 @@ DEFAULT_PROMPTS = (
 
 def read_prompts(path):
     """One prompt a line (blank lines skipped); a file with none is refused."""
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file (one prompt a line)")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path} is not UTF-8 text (one prompt a line)") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one a line)")
     return prompts

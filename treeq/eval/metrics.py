@@ -11,6 +11,7 @@ import weakref
 import torch
 
 from .classifier import classify, load_classifier
+from .limits import MIN_MEASURED
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
 _held_out_cache = weakref.WeakKeyDictionary()  # classifier -> its outputs on the held-out digits
@@ -47,7 +48,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return distance.item()
 
 
-def inception_score(logits, splits=10):
+def inception_score(logits, splits=MIN_MEASURED):
     """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` equal parts, as in the original IS code.
 
     The samples are put in a fixed seeded order first: the original code splits them as given,

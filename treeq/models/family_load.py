@@ -39,7 +39,10 @@ def load_family_transformer(folder, class_name):
     folder = Path(folder)
     pipeline_folder = folder if (folder / "model_index.json").exists() else None
     weights = folder / "transformer" if pipeline_folder else folder
-    model = getattr(diffusers, class_name).from_pretrained(weights).eval()
+    diffusers.utils.logging.set_verbosity_error()  # what its warnings say, _check_loaded says in one line
+    model, info = getattr(diffusers, class_name).from_pretrained(weights, output_loading_info=True)
+    _check_loaded(weights, info)
+    model.eval()
     settings = read_settings(pipeline_folder) if pipeline_folder else {}
     family = next((name for name, f in FAMILIES.items() if f.transformer == class_name), None)
     if family and not settings:
@@ -49,6 +52,16 @@ def load_family_transformer(folder, class_name):
     model.sampling = {key: settings[key] for key in ("height", "width", "num_frames", "steps", "cfg_scale",
                                                      "max_sequence_length") if key in settings}
     return model
+
+
+def _check_loaded(weights, info):
+    """Strict loading: every weight in the files has its place in the model its config.json builds, and every
+    place its weight (diffusers would leave a missing one random, and drop an unexpected one, with a warning)."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [key if isinstance(key, str) else key[0] for key in info.get(kind) or ()]
+        if keys:
+            raise ValueError(f"{weights}: the weights do not fit its config.json ({len(keys)} "
+                             f"{kind.replace('_', ' ')}, e.g. {keys[0]})")
 
 
 def _token_counts(model, pipeline_folder, settings):

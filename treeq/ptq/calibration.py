@@ -48,6 +48,8 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, promp
         steps = pipeline_settings(model, **sampling)["steps"]
         return collect_pipeline_calibration(model, num_images, min(num_timesteps, steps), seed, list(prompts),
                                             **sampling)
+    if prompts:
+        raise ValueError(f"prompts condition text-to-image families; {type(model).__name__} is class-conditional")
     settings = {**sampling_defaults(model), **sampling}
     if not 1 <= num_timesteps <= settings["steps"]:
         raise ValueError(f"num_timesteps must be in 1..{settings['steps']} (the sampler's steps), got {num_timesteps}")

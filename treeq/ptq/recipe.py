@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bits import check_bits, load_config, preset_config
+from ..bits import PRESETS, check_bits, load_config, preset_config
 from ..flags import number
 from ..methods.registry import METHODS, method_options, parse_methods
 from ..quant.activations import CLIPS
@@ -66,6 +66,9 @@ class Recipe:
 
     def __post_init__(self):
         self.methods = parse_methods(self.methods)
+        if self.bits not in PRESETS and Path(self.bits).suffix != ".json" and not Path(self.bits).exists():
+            raise ValueError(f"bits must be a preset ({', '.join(PRESETS)}) or a .json bit configuration, "
+                             f"got {self.bits!r}")
         self.prompts = tuple(self.prompts)
         self.switch_bits = tuple((check_bits(int(w)), check_bits(int(a))) for w, a in self.switch_bits)
         for name, allowed in (("activations", ACTIVATION_QUANTIZERS), ("activation_clip", CLIPS),
