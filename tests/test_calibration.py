@@ -28,3 +28,18 @@ def test_fingerprint_changes_with_weights(tiny_dit):
     with torch.no_grad():
         tiny_dit.blocks[0].attn.qkv.weight[0, 0] += 1e-3
     assert model_fingerprint(tiny_dit) != before
+
+
+def test_calibration_keeps_the_model_inputs_of_evenly_spaced_steps(tiny_dit):
+    """Rows are exactly the model's inputs at steps 0, 2 and 4 of 5 (both halves of the guided batch)."""
+    from treeq.diffusion.defaults import sampling_defaults
+    from treeq.diffusion.sampling import balanced_labels, sample
+
+    calls = []
+    settings = {**sampling_defaults(tiny_dit), "steps": 5}
+    sample(tiny_dit, balanced_labels(2, tiny_dit.config.num_classes), seed=1234, progress=False, batch_size=2,
+           on_model_input=lambda x, t, y: calls.append((x.clone(), t.clone(), y.clone())), **settings)
+    x, t, y = collect_calibration(tiny_dit, num_images=2, num_timesteps=3, steps=5)
+    for part, kept in zip((x, t, y), zip(*(calls[i] for i in (0, 2, 4)))):
+        assert torch.equal(part, torch.cat(kept))
+    assert len(set(t.tolist())) == 3 and not torch.equal(x[:4], x[4:8])

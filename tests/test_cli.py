@@ -213,3 +213,14 @@ def test_quantize_passes_the_ilp_seed_to_its_search(tiny_path, tmp_path, monkeyp
     argv = ["quantize", "--model", tiny_path, "--target", "W3A3", "--seed-ilp", "--out", str(tmp_path / "q")]
     assert main(argv) == 2 and calls[0]["seed_ilp"] is True
     assert main(argv[:5] + argv[6:]) == 2 and calls[1]["seed_ilp"] is False
+
+
+def test_a_run_whose_recipe_names_unknown_bits_is_refused(tiny_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["quantize", "--model", tiny_path, "--method", "rtn", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["recipe"]["bits"] = "W5A5"
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["sample", "--quant", str(run), *FAST, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a TreeQ run: bits must be a preset" in err and "W5A5" in err and "\n" not in err

@@ -229,3 +229,36 @@ def test_an_unsupported_transformer_and_a_folder_without_one_are_one_line(tmp_pa
         assert main(["info", "--model", str(folder)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_sd3s_last_block_has_no_text_outputs_and_its_segment_scores_like_the_forward(folders, calibrations):
+    """context_pre_only: the last joint block keeps norm1_context (it conditions the image stream) but has no
+    text projections out or text MLP, returns no text stream, and a segment there scores as the forward does."""
+    from treeq.search.objective import ModelObjective, output_error
+
+    model = load(folders["sd3"])
+    layers = quantizable_layers(model)
+    last = f"transformer_blocks.{len(model.transformer_blocks) - 1}."
+    inside = [name for name in layers if name.startswith(last)]
+    assert f"{last}norm1_context.linear" in inside
+    assert not [name for name in inside if "to_add_out" in name or "ff_context" in name]
+    assert [name for name in layers if "transformer_blocks.0.ff_context" in name]  # the other blocks have them
+    quantized = quantize(model, uniform_config(model, 8, 8))
+    rows = calibrations["sd3"]
+    objective = ModelObjective(quantized, rows, 32, readout_blocks=0)
+    start = layers.index(inside[0])
+    metric = objective.score(start, len(layers), [((3, 3),) * len(inside)])[0]
+    config = {name: {"w_bits": 3, "a_bits": 3} for name in inside}
+    assert metric == pytest.approx(output_error(quantized, rows, config), rel=1e-4) and metric > 0
+
+
+def test_a_transformer_whose_config_drops_weights_is_refused(folders, tmp_path):
+    """Strict loading: a config.json that builds fewer blocks than the weights hold is an error naming it."""
+    import shutil
+
+    folder = tmp_path / "flux"
+    shutil.copytree(folders["flux"], folder)
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": 0}))
+    with pytest.raises(ValueError, match=r"transformer: the weights do not fit its config.json \(\d+ unexpected"):
+        load(folder)

@@ -178,3 +178,19 @@ def test_equal_compute_rows_get_the_trees_block_runs_in_whole_model_evaluations(
     evaluations = tree_compute_evaluations(tiny_dit, "W3A3")
     assert abs(evaluations * 2 - block_runs) <= 1 and evaluations < expected_evaluations(space, 16)
     assert SEARCHES["evo@compute"]["method"] == "evo" and SEARCHES["random@compute"]["method"] == "random"
+
+
+def test_env_bits_and_budget_window_reach_the_search(tiny_path, tmp_path, monkeypatch):
+    """--env-bits and --budget-window are passed to the search and recorded with its results."""
+    out = tmp_path / "bits.json"
+    argv = ["search", "--model", tiny_path, *FAST, "--env-bits", "6", "--budget-window", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    settings = json.loads((tmp_path / "bits.results.json").read_text())["settings"]
+    assert settings["env_bits"] == 6 and settings["budget_window"] == 0.5
+    from treeq.search import run
+
+    seen = {}
+    monkeypatch.setattr(run, "run_search", lambda *args, **kwargs: seen.update(kwargs) or (_ for _ in ()).throw(
+        ValueError("stop")))
+    assert main(argv[:-2] + ["--budget-window", "-1", "--out", str(tmp_path / "other.json")]) == 2
+    assert seen["budget_window"] is None and seen["env_bits"] == 6
