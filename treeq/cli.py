@@ -346,6 +346,8 @@ _BENCHES = {
                                                  **_settings(a, "targets")}),
     "ablation": ("paper", "bench_ablation", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                                        **_settings(a, "targets")}),
+    "objective": ("objective", "bench_objective", lambda a: {"model": a.model or "default", "seed": a.seed,
+                                                             "num_samples": a.num_samples, **_settings(a, "targets")}),
     "nodes": ("objective", "bench_node_agreement", lambda a: {"model": a.model or "default", "seed": a.seed,
                                                               **_settings(a, "targets")}),
     "depth": ("search_analysis", "bench_depth", lambda a: {}),
