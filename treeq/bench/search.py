@@ -137,14 +137,15 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
             rows.append({"target": target, "method": method, "evaluations": summary["evaluations"],
                          "seconds": summary["seconds"], "bops_bits": average_bits(config, model),
                          "search_metric": summary["metric"], "held_out": error,
-                         **_quality(measure(images, labels, fp_images), "sfid"),
-                         "psnr_minus_ilp": _against(errors, target, method)})
+                         **_quality(measure(images, labels, fp_images), "sfid")})
+    for row in rows:
+        row["psnr_minus_ilp"] = _against(errors, row["target"], row["method"])
     return rows
 
 
 def _against(errors, target, method, baseline="ilp"):
     """PSNR vs FP of a row minus the baseline's at its target, with its paired 95% interval, as text."""
-    if (target, baseline) not in errors or method == baseline:
+    if (target, baseline) not in errors or (target, method) not in errors or method == baseline:
         return None
     difference, low, high = psnr_difference(errors[target, method], errors[target, baseline])
     return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}]"
