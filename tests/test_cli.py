@@ -141,6 +141,8 @@ def test_fp_eval_has_null_psnr(tiny_path, capsys):
     (["sample", "--model", "TINY", "--prompts", "MISSING", "--out", "OUT"], "no such file"),
     (["sample", "--model", "TINY", "--prompts", "BINARY", "--out", "OUT"], "not UTF-8"),
     (["sample", "--model", "TINY", "--prompts", "BLANK", "--out", "OUT"], "holds no prompts"),
+    (["search", "--model", "TINY", "--calibration-images", "1", "--calibration-timesteps", "1", "--out", "OUT.json"],
+     "16 calibration rows to score (and refine on) need more than the 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_path, tmp_path, capsys):
     (tmp_path / "bits.json").write_text(json.dumps({"blocks.7.attn.qkv": {"w_bits": 4, "a_bits": 4}}))
@@ -224,3 +226,16 @@ def test_a_run_whose_recipe_names_unknown_bits_is_refused(tiny_path, tmp_path, c
     assert main(["sample", "--quant", str(run), *FAST, "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a TreeQ run: bits must be a preset" in err and "W5A5" in err and "\n" not in err
+
+
+def test_a_sample_count_the_disk_cannot_hold_is_refused_before_sampling(tiny_path, tmp_path, capsys):
+    """A billion 32x32 samples: refused in one line, nothing written, no memory grown (the parts list is never
+    built)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["sample", "--model", tiny_path, "--num-samples", "1000000000", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--num-samples 1000000000 needs about" in err and "GB free" in err and "\n" not in err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB

@@ -82,6 +82,26 @@ def run_labels(indices, num_classes, classes=None):
     return torch.tensor(classes)[indices % len(classes)]
 
 
+def check_room(out, num_samples, sample_bytes, in_memory=False):
+    """Refuse, before any sampling, a sample count whose files (the parts and samples.npz: twice the pixels)
+    do not fit the disk under `out`, or whose pixels, where a pipeline holds them all, the free memory."""
+    import os
+    import shutil
+
+    folder = Path(out).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    need = 2 * num_samples * sample_bytes
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ValueError(f"--num-samples {num_samples} needs about {need / 1e9:.3g} GB on disk for its parts and "
+                         f"samples.npz; {folder} has {free / 1e9:.3g} GB free")
+    memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if in_memory and num_samples * sample_bytes > memory:
+        raise ValueError(f"--num-samples {num_samples} holds about {num_samples * sample_bytes / 1e9:.3g} GB of "
+                         f"pixels in memory; {memory / 1e9:.3g} GB are free: sample in several runs")
+
+
 def batches(num_samples, batch_size):
     return [(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
 
@@ -112,6 +132,8 @@ def sample_to_folder(model, out, *, num_samples, settings, seed=0, batch_size=16
     grid.png once every part exists. Returns {"written": images this process drew, "seconds": ...}."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
+    side = model.config.input_size * (1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1))
+    check_room(out, num_samples, side * side * 3)
     record = {**(record or {}), "num_samples": num_samples, "seed": seed, "batch_size": batch_size,
               "classes": classes, "sampling": settings}
     _check_record(out, record, rank)
@@ -157,6 +179,9 @@ def sample_family_to_folder(model, out, *, num_samples, seed=0, batch_size=8, pr
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
+    settings = pipeline_settings(model, **sampling)
+    check_room(out, num_samples, settings.get("num_frames", 1) * settings["height"] * settings["width"] * 3,
+               in_memory=True)
     started = time.perf_counter()
     pixels, used = sample_pipeline(model, num_samples, seed, prompts, batch_size, **sampling)
     out, videos = Path(out), pixels.ndim == 5

@@ -64,6 +64,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
     _check_settings(out, method, resume, queue_size, evaluations, env_bits)
+    _check_rows(recipe or SEARCH_RECIPE, calibration_rows, refine_rows, calibration)
     if refine_rows is not None and not (refine_sweeps or exchange_rounds):
         raise ValueError("refine_rows are the rows a refinement scores; give refine_sweeps or exchange_rounds too")
     recipe = recipe or SEARCH_RECIPE
@@ -178,6 +179,19 @@ def _check_settings(out, method, resume, queue_size, evaluations, env_bits):
     state = Path(f"{out.with_suffix('')}.state.json")
     if resume and not state.exists():
         raise FileNotFoundError(f"nothing to resume: no {state}; run without --resume to start afresh")
+
+
+def _check_rows(recipe, calibration_rows, refine_rows, calibration):
+    """Refuse, before loading and calibrating, rows the calibration set cannot hold: it records images x
+    timesteps states (rows; twice as many for a family whose pipeline guides in one batch)."""
+    if calibration is not None:
+        return
+    recorded = recipe.calibration_images * recipe.calibration_timesteps
+    needed = calibration_rows + (refine_rows or 0)
+    if 2 * recorded < needed:
+        raise ValueError(f"{needed} calibration rows to score (and refine on) need more than the {recorded} "
+                         f"(guided: {2 * recorded}) that {recipe.calibration_images} images x "
+                         f"{recipe.calibration_timesteps} timesteps record; raise --calibration-images")
 
 
 def _default_env_bits(target_bits):
