@@ -3,12 +3,12 @@
     pipe = FluxPipeline.from_pretrained("path/to/flux")             # any supported family, or our DiT
     calibration = treeq.calibrate(pipe, ["a red fox", "a lighthouse"], num_inference_steps=4)
     treeq.quantize_(pipe.transformer, treeq.Recipe(bits="W4A4", methods=("hadamard", "gptq")), calibration)
-    image = pipe("a red fox", num_inference_steps=4).images[0]      # the pipeline runs the quantized module
+    image = treeq.generate(pipe, ["a red fox"], num_inference_steps=4)[0]  # the pipeline runs the quantized module
 """
 import tempfile
 from pathlib import Path
 
-from .diffusion.pipelines import record_calibration
+from .diffusion.pipelines import fixed_call_settings, pipeline_output, record_calibration
 from .ptq.apply import quantize
 from .ptq.recipe import Recipe
 
@@ -16,9 +16,17 @@ from .ptq.recipe import Recipe
 def calibrate(pipeline, prompts, num_timesteps=None, **call):
     """Calibration inputs of `pipeline.transformer`: what it sees while `pipeline(prompts, **call)` samples,
     at `num_timesteps` evenly spaced steps (None: every step). `call` takes the pipeline's own keywords
-    (num_inference_steps, height, width, guidance_scale, generator, ...)."""
+    (num_inference_steps, height, width, guidance_scale, generator, ...), over the settings `treeq sample`
+    fixes (fixed_call_settings: resolution binning off, so any height and width the transformer takes)."""
     steps = call.pop("num_inference_steps", 28)
-    return record_calibration(pipeline, num_timesteps, steps=steps, prompt=list(prompts), output_type="latent", **call)
+    return record_calibration(pipeline, num_timesteps, steps=steps, prompt=list(prompts), output_type="latent",
+                              **{**fixed_call_settings(pipeline), **call})
+
+
+def generate(pipeline, prompts, **call):
+    """`pipeline(prompts, **call)` with the settings `treeq sample` fixes, as calibrate; returns its images, or
+    a video pipeline's videos (frames), one per prompt."""
+    return pipeline_output(pipeline(prompt=list(prompts), **{**fixed_call_settings(pipeline), **call}), pipeline)
 
 
 def quantize_(transformer, recipe="W4A4", calibration=None):
@@ -51,4 +59,4 @@ def load_run(folder):
     return load_quantized(folder)
 
 
-__all__ = ["Recipe", "calibrate", "load_run", "quantize_", "search_bits"]
+__all__ = ["Recipe", "calibrate", "generate", "load_run", "quantize_", "search_bits"]

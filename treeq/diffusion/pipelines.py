@@ -87,14 +87,23 @@ def _call_kwargs(pipeline, settings, prompts, generators):
               "generator": generators, "output_type": "np"}
     if "max_sequence_length" in settings:
         kwargs["max_sequence_length"] = settings["max_sequence_length"]
-    name = type(pipeline).__name__
-    if name.startswith(("PixArt", "Sana")):
-        kwargs.update(use_resolution_binning=False, clean_caption=False)
-    if name.startswith("Sana"):
-        kwargs["complex_human_instruction"] = None
     if "num_frames" in settings and "num_frames" in inspect.signature(pipeline.__call__).parameters:
         kwargs["num_frames"] = settings["num_frames"]
-    return kwargs
+    return {**fixed_call_settings(pipeline), **kwargs}
+
+
+def fixed_call_settings(pipeline):
+    """The call keywords TreeQ fixes for a pipeline (see the module docstring): resolution binning and
+    caption cleaning off for PixArt and Sana (binning refuses any transformer not of a published size), and
+    Sana's complex human instruction off."""
+    parameters = inspect.signature(pipeline.__call__).parameters
+    fixed = {"use_resolution_binning": False, "clean_caption": False, "complex_human_instruction": None}
+    return {key: value for key, value in fixed.items() if key in parameters}
+
+
+def pipeline_output(output, pipeline):
+    """What a pipeline call made: its images, or for a video pipeline its frames (videos)."""
+    return output.frames if is_video_pipeline(pipeline) else output.images
 
 
 def is_video_pipeline(pipeline):
@@ -163,7 +172,7 @@ def sample_pipeline(transformer, num_samples, seed=0, prompts=None, batch_size=8
         indices = range(start, min(num_samples, start + batch_size))
         batch = [prompts[i] for i in indices]
         out = pipeline(**_call_kwargs(pipeline, settings, batch, sample_generators(seed, indices)))
-        pixels = out.frames if is_video_pipeline(pipeline) else out.images
+        pixels = pipeline_output(out, pipeline)
         images.append(np.clip(np.asarray(pixels) * 255 + 0.5, 0, 255).astype(np.uint8))
     return np.concatenate(images), prompts
 

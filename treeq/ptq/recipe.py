@@ -66,7 +66,8 @@ class Recipe:
 
     def __post_init__(self):
         self.methods = parse_methods(self.methods)
-        if self.bits not in PRESETS and Path(self.bits).suffix != ".json" and not Path(self.bits).exists():
+        if isinstance(self.bits, str) and self.bits not in PRESETS and Path(self.bits).suffix != ".json" \
+                and not Path(self.bits).exists():
             raise ValueError(f"bits must be a preset ({', '.join(PRESETS)}) or a .json bit configuration, "
                              f"got {self.bits!r}")
         self.prompts = tuple(self.prompts)

@@ -129,7 +129,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         result = exchange(refiner, space, costs, bits, result, exchange_rounds)
     if refine_sweeps:
         result = refine(refiner, space, costs, bits, result, refine_sweeps)
-    held_out_metric = output_error(quantized, held_out, result.config) if num_rows(held_out) else None
+    held_out_metric = output_error(quantized, held_out, result.config) if num_rows(held_out, model) else None
     if writer:
         save_config(result.config, out)
         settings = {"recipe": recipe.to_dict(), "target": bits, "method": method, "env_bits": env_bits,
@@ -140,7 +140,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
                     "budget_window": budget_window if method == "tss" else None}
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
-                           "held_out_rows": num_rows(held_out), "front": result.front}, indent=1)
+                           "held_out_rows": num_rows(held_out, model), "front": result.front}, indent=1)
         atomic_write(f"{stem}.results.json", lambda p: p.write_text(text))
         if method == "tss":
             from .plots import plot_front, plot_levels
