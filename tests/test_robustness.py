@@ -164,3 +164,29 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, caps
     assert err.endswith(f"continue with `treeq search --out {out} --resume`")
     assert main(["quantize", "--target", "W4A4", "--out", str(tmp_path / "q")]) == 130
     assert "quantize keeps no partial work: rerun `treeq quantize" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_sampling_says_truthfully_whether_parts_were_kept(tiny_dit, tmp_path, monkeypatch, capsys):
+    """A family's pipeline keeps nothing; DiT sampling keeps finished batches: the line says which. A bar left
+    open by the interrupt is ended first, so the line stands alone."""
+    import treeq.pipeline
+    from tqdm import tqdm
+
+    from treeq.models.checkpoint import save_model
+
+    save_model(tiny_dit, tmp_path / "tiny")
+    out = tmp_path / "s"
+
+    def interrupted(*args, **kwargs):
+        tqdm(total=10, desc="sampling").update(3)  # a bar still open when Ctrl-C comes
+        raise KeyboardInterrupt
+    monkeypatch.setattr(treeq.pipeline, "sample_to_folder", interrupted)
+    argv = ["sample", "--model", str(tmp_path / "tiny.safetensors"), "--num-samples", "10", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "sample keeps no partial work" in err and "kept" not in err
+    assert err.splitlines()[-1].startswith("treeq: interrupted")
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "0.npz").write_bytes(b"")
+    assert main(argv) == 130
+    assert f"kept the finished parts in {out / 'parts'}" in capsys.readouterr().err

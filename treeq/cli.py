@@ -458,6 +458,12 @@ def _add_search(sub):
     search.set_defaults(func=cmd_search, kept=_search_kept, output_kind="bits", inputs=("model", "prompts"))
 
 
+def _sample_kept(args):
+    """DiT sampling keeps each finished batch in OUT/parts (a rerun resumes); a family's pipeline keeps none."""
+    parts = Path(args.out) / "parts"
+    return (f"the finished parts in {parts}", None) if any(parts.glob("*.npz")) else None
+
+
 def _search_kept(args):
     """A tree search keeps its finished nodes in the state file beside --out; the baselines keep nothing."""
     if args.method != "tss":
@@ -537,7 +543,7 @@ def build_parser():
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_overwrite(sample)
     sample.set_defaults(func=cmd_sample, output_kind="samples", inputs=("model", "quant", "vae"),
-                        kept=lambda a: (f"the finished parts in {a.out}/parts", None))
+                        kept=_sample_kept)
 
     evaluate = sub.add_parser("eval", help="sample and measure FID, sFID, IS, precision/recall, accuracy; "
                                            "or measure a sample folder")
@@ -702,8 +708,17 @@ def main(argv=None):
         print(f"treeq: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print(_interrupted(args, argv), file=sys.stderr)
         return 130
+
+
+def _end_progress_bars():
+    """Close the bars a Ctrl-C left open, so the line that follows starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":
