@@ -177,8 +177,11 @@ def test_ctrl_c_on_sampling_says_truthfully_whether_parts_were_kept(tiny_dit, tm
     save_model(tiny_dit, tmp_path / "tiny")
     out = tmp_path / "s"
 
+    bars = []
+
     def interrupted(*args, **kwargs):
-        tqdm(total=10, desc="sampling").update(3)  # a bar still open when Ctrl-C comes
+        bars.append(tqdm(total=10, desc="sampling"))  # a bar still open when Ctrl-C comes
+        bars[-1].update(3)
         raise KeyboardInterrupt
     monkeypatch.setattr(treeq.pipeline, "sample_to_folder", interrupted)
     argv = ["sample", "--model", str(tmp_path / "tiny.safetensors"), "--num-samples", "10", "--out", str(out)]
