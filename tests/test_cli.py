@@ -136,7 +136,7 @@ def test_fp_eval_has_null_psnr(tiny_path, capsys):
     (["search", "--model", "TINY", "--device", "cuda:7", "--out", "OUT.json"], "--device cuda:7 is not available"),
     (["sample", "--model", "TINY", "--device", "nonsense", "--out", "OUT"], "is not a device"),
     # files and counts that failed late, before loading
-    (["eval", "--model", "TINY", "--num-samples", "2"], "at least 10"),
+    (["eval", "--model", "TINY", "--num-samples", "2"], "at least 10"),  # before sampling
     (["bench", "fp", "--num-samples", "9"], "at least 10"),
     (["sample", "--model", "TINY", "--prompts", "MISSING", "--out", "OUT"], "no such file"),
     (["sample", "--model", "TINY", "--prompts", "BINARY", "--out", "OUT"], "not UTF-8"),
@@ -239,3 +239,16 @@ def test_a_sample_count_the_disk_cannot_hold_is_refused_before_sampling(tiny_pat
     assert "--num-samples 1000000000 needs about" in err and "GB free" in err and "\n" not in err
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB
+
+
+def test_the_calibration_cache_is_announced_and_goes_where_asked(tiny_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TREEQ_CACHE_DIR", str(tmp_path / "unused"))  # restored after the test
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    argv = ["quantize", "--model", tiny_path, "--method", "gptq", "--calibration-images", "2",
+            "--calibration-timesteps", "2", "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(tmp_path / "q1")]) == 0
+    assert f"calibration cached in {cache}" in capsys.readouterr().err
+    assert len(list(cache.glob("*.pt"))) == 1 and not (tmp_path / "runs").exists()
+    assert main([*argv, "--out", str(tmp_path / "q2")]) == 0  # reused: nothing new to announce
+    assert "calibration cached" not in capsys.readouterr().err

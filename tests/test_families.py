@@ -262,3 +262,41 @@ def test_a_transformer_whose_config_drops_weights_is_refused(folders, tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": 0}))
     with pytest.raises(ValueError, match=r"transformer: the weights do not fit its config.json \(\d+ unexpected"):
         load(folder)
+
+
+def test_a_folder_without_settings_samples_with_its_variants_published_defaults(folders, tmp_path):
+    """FLUX.1-dev (a guidance embedding) takes dev's defaults, FLUX.1-schnell schnell's, with no treeq.json."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    from treeq.models.families import FAMILIES, SETTINGS_FILE
+
+    for guidance_embeds, steps, cfg_scale in ((True, 28, 3.5), (False, 4, 0.0)):
+        folder = tmp_path / f"flux-{guidance_embeds}"
+        shutil.copytree(folders["flux"], folder)
+        (folder / SETTINGS_FILE).unlink()
+        shutil.rmtree(folder / "transformer")
+        FluxTransformer2DModel(**{**FAMILIES["flux"].tiny, "guidance_embeds": guidance_embeds}).save_pretrained(
+            folder / "transformer")
+        model = load(folder)
+        assert model.sampling["steps"] == steps and model.sampling["cfg_scale"] == cfg_scale
+
+
+def test_eval_of_a_family_run_samples_as_the_run_did(folders, tmp_path, monkeypatch, capsys):
+    """Its recorded steps, guidance and prompts, and 16 pipeline samples by default; a flag overrides."""
+    import treeq.eval.fidelity
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a quiet harbour\n")
+    run = tmp_path / "run"
+    assert main(["quantize", "--model", str(folders["flux"]), "--method", "rtn", "--steps", "2", "--cfg-scale", "0.5",
+                 "--prompts", str(prompts), "--out", str(run)]) == 0
+    seen = []
+    monkeypatch.setattr(treeq.eval.fidelity, "family_fidelity",
+                        lambda model, fp, num_samples, seed, prompts, **sampling: seen.append(
+                            (num_samples, prompts, sampling)) or {"psnr_vs_fp": 1.0})
+    assert main(["eval", "--quant", str(run)]) == 0
+    assert seen[-1] == (16, ["a quiet harbour"], {"steps": 2, "cfg_scale": 0.5})
+    assert main(["eval", "--quant", str(run), "--steps", "3", "--num-samples", "2"]) == 0
+    assert seen[-1] == (2, ["a quiet harbour"], {"steps": 3, "cfg_scale": 0.5})

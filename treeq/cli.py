@@ -25,6 +25,7 @@ from .search.readouts import DEFAULT_READOUT, READOUTS  # noqa: E402  (light: no
 # Shared ranges of flags that several commands take (docs/CLI-FLAGS.md lists every one).
 COUNT = number(int, 1)          # images, steps, sizes: at least one
 SEED = number(int, 0)           # per-sample seeds hash (seed, index): non-negative
+DIT_EVAL_SAMPLES, FAMILY_EVAL_SAMPLES = 500, 16  # `eval`'s sample counts by default (family: pipeline samples)
 STEPS = number(int, 1, 1000)    # sampling steps within the 1000 training timesteps
 CFG = number(float, 0)          # 0 samples unconditionally, 1 unguided, above 1 guides (docs/DESIGN.md)
 
@@ -160,15 +161,20 @@ def cmd_eval(args):
             raise ValueError(f"`treeq eval` of a {type(model).__name__} measures a quantized run against its FP "
                              "transformer: give --quant RUN")
         from .eval.fidelity import family_fidelity
-        _print(family_fidelity(model, fp_model, args.num_samples, args.seed, _prompts(args), steps=args.steps,
-                               cfg_scale=args.cfg_scale), args.json)
+        # the run's own steps, guidance and prompts unless a flag overrides them, as the DiT path does
+        recorded = {key: overrides.get(key) for key in ("steps", "cfg_scale")}
+        prompts = _prompts(args) or (list(recipe.prompts) if recipe is not None and recipe.prompts else None)
+        _print(family_fidelity(model, fp_model, args.num_samples or FAMILY_EVAL_SAMPLES, args.seed, prompts,
+                               **recorded), args.json)
         return 0
     if model.config.in_channels not in (1, 3) or model.config.input_size != 32:
         raise ValueError("`treeq eval --model` measures testbed-sized digits; for this model run `treeq sample "
                          "--out S`, then `treeq eval --samples S --inception-weights W --reference REF.npz`")
+    num_samples = args.num_samples or DIT_EVAL_SAMPLES
+    _check_measured(num_samples)
     if args.quant:
-        fp_images = generate(fp_model, args.num_samples, args.seed, **overrides)[0]
-    metrics, _, _ = sample_and_measure(model, args.num_samples, args.seed, fp_images, **overrides)
+        fp_images = generate(fp_model, num_samples, args.seed, **overrides)[0]
+    metrics, _, _ = sample_and_measure(model, num_samples, args.seed, fp_images, **overrides)
     _print(metrics, args.json)
     return 0
 
@@ -455,6 +461,7 @@ def _add_search(sub):
     search.add_argument("--out", default="bits.json")
     _add_prompts(search)
     _add_overwrite(search)
+    _add_cache_dir(search)
     search.set_defaults(func=cmd_search, kept=_search_kept, output_kind="bits", inputs=("model", "prompts"))
 
 
@@ -472,17 +479,23 @@ def _search_kept(args):
     return f"the finished nodes in {state}", state
 
 
+def _add_cache_dir(parser):
+    parser.add_argument("--cache-dir", default=None,
+                        help="where calibration sets are cached and reused (default $TREEQ_CACHE_DIR, else "
+                             "./runs/calibration)")
+
+
 def _add_overwrite(parser):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out folder of another kind, or a file treeq did not write "
                              "(refused without it)")
 
 
-def _add_sampling(parser, num_samples):
+def _add_sampling(parser, num_samples, samples_help=None):
     parser.add_argument("--model", default="default",
                         help="'default' (the embedded testbed), a TreeQ .safetensors, an official .pt, "
                              "a diffusers DiT pipeline or transformer folder")
-    parser.add_argument("--num-samples", type=COUNT, default=num_samples)
+    parser.add_argument("--num-samples", type=COUNT, default=num_samples, help=samples_help)
     parser.add_argument("--seed", type=SEED, default=0, help="sample i draws its noise from seed (SEED, i)")
     parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm", "pipeline"), default=None,
                         help="default: the model's (testbed dpm++, official DiT ddpm, a pipeline its scheduler)")
@@ -547,7 +560,8 @@ def build_parser():
 
     evaluate = sub.add_parser("eval", help="sample and measure FID, sFID, IS, precision/recall, accuracy; "
                                            "or measure a sample folder")
-    _add_sampling(evaluate, 500)
+    _add_sampling(evaluate, None, f"default {DIT_EVAL_SAMPLES} for a DiT, {FAMILY_EVAL_SAMPLES} pipeline samples "
+                              "for a text-to-image family (each also sampled at full precision)")
     evaluate.add_argument("--quant", help="measure this quantized model (and its PSNR vs --model)")
     evaluate.add_argument("--samples", help="measure the samples in this folder (or ADM .npz) instead of sampling")
     evaluate.add_argument("--inception-weights", help="Inception FID with these weights (pip install treeq[fid])")
@@ -598,6 +612,7 @@ def build_parser():
                        help="with --target: seed the tree search with the integer program's configuration")
     quant.add_argument("--out", required=True)
     _add_overwrite(quant)
+    _add_cache_dir(quant)
     quant.set_defaults(func=cmd_quantize, output_kind="run", inputs=("model", "bits"))
 
     from .finetune.distill import FINETUNE_RANGES, FinetuneConfig
@@ -608,6 +623,7 @@ def build_parser():
     add_dataclass_arguments(finetune, FinetuneConfig, FINETUNE_RANGES)
     finetune.add_argument("--resume", action="store_true", help="continue from OUT/finetune_checkpoint.pt")
     _add_overwrite(finetune)
+    _add_cache_dir(finetune)
     finetune.set_defaults(func=cmd_finetune, output_kind="run", inputs=("quant",),
                           kept=lambda a: (f"{a.out}/finetune_checkpoint.pt (every {a.checkpoint_every} steps)",
                                           Path(a.out) / "finetune_checkpoint.pt"))
@@ -657,6 +673,8 @@ def _check_before_work(args):
             raise ValueError(f"--resume continues a tree search (--method tss); {args.method} keeps no state")
         if not Path(state[1]).exists():
             raise FileNotFoundError(f"nothing to resume: no {state[1]}; run without --resume to start afresh")
+    if getattr(args, "cache_dir", None):
+        os.environ["TREEQ_CACHE_DIR"] = args.cache_dir  # read by ptq.calibration.cache_dir
     if getattr(args, "device", None):
         from .distributed import check_device
         check_device(args.device)
@@ -673,13 +691,18 @@ def _check_before_work(args):
 
 
 def _check_sample_count(args):
-    """Measured samples: the Inception Score's splits need at least MIN_MEASURED of them."""
+    """Measured samples: the Inception Score's splits need at least MIN_MEASURED of them (a bench measures
+    the testbed; `eval` checks a DiT's count once it has loaded it: a family's fidelity needs no IS)."""
+    measured = args.command == "bench" and "num_samples" in _BENCHES[args.which][2](args)
+    if measured:
+        _check_measured(args.num_samples)
+
+
+def _check_measured(num_samples):
     from .eval.limits import MIN_MEASURED
 
-    measured = (args.command == "eval" and not args.samples) or (
-        args.command == "bench" and "num_samples" in _BENCHES[args.which][2](args))
-    if measured and args.num_samples < MIN_MEASURED:
-        raise ValueError(f"--num-samples {args.num_samples}: measuring samples needs at least {MIN_MEASURED} "
+    if num_samples < MIN_MEASURED:
+        raise ValueError(f"--num-samples {num_samples}: measuring samples needs at least {MIN_MEASURED} "
                          "(the Inception Score's splits)")
 
 

@@ -42,6 +42,17 @@ class Family:
     vae_class: str = "AutoencoderKL"
     full_vae: dict = None          # the VAE of "full" when it differs from the tiny one
     scheduler_config: dict = field(default_factory=dict)
+    # (transformer config key, value, sampling settings): a published variant's own defaults, read from the
+    # folder when it carries no treeq.json
+    variants: tuple = ()
+
+    def folder_sampling(self, config):
+        """The published sampling settings of the variant whose transformer `config` a folder holds."""
+        settings = dict(self.full_sampling)
+        for key, value, overrides in self.variants:
+            if config.get(key) == value:
+                settings.update(overrides)
+        return settings
 
 
 # Tiny transformers are 64 wide: the smallest Monarch branch of a 32 x 32 weight is over 5% of it.
@@ -110,7 +121,9 @@ FAMILIES = {
         scheduler="FlowMatchEulerDiscreteScheduler",
         # FLUX.1-schnell: guidance-distilled to 4 steps, no classifier-free guidance
         sampling=dict(height=16, width=16, steps=4, cfg_scale=0.0, max_sequence_length=32),
-        full_sampling=dict(height=1024, width=1024, steps=4, cfg_scale=0.0, max_sequence_length=256)),
+        full_sampling=dict(height=1024, width=1024, steps=4, cfg_scale=0.0, max_sequence_length=256),
+        # FLUX.1-dev embeds its guidance: FluxPipeline's defaults for it (28 steps, guidance 3.5, 512 tokens)
+        variants=(("guidance_embeds", True, dict(steps=28, cfg_scale=3.5, max_sequence_length=512)),)),
     # Sana 1600M 1024px (Efficient-Large-Model/Sana_1600M_1024px_diffusers): 20 blocks 2240 wide, linear
     # self-attention, cross-attention to Gemma2-2B's 2304-wide features, GLUMBConv feed-forward; DC-AE f32c32.
     "sana": Family(

@@ -46,7 +46,7 @@ def load_family_transformer(folder, class_name):
     settings = read_settings(pipeline_folder) if pipeline_folder else {}
     family = next((name for name, f in FAMILIES.items() if f.transformer == class_name), None)
     if family and not settings:
-        settings = dict(FAMILIES[family].full_sampling)
+        settings = FAMILIES[family].folder_sampling(model.config)
     model.source = {"path": str(pipeline_folder) if pipeline_folder else None, "family": ADAPTERS[class_name].family,
                     **_token_counts(model, pipeline_folder, settings)}
     model.sampling = {key: settings[key] for key in ("height", "width", "num_frames", "steps", "cfg_scale",

@@ -7,6 +7,8 @@ and the settings, so repeated runs skip the sampling.
 """
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +22,18 @@ from ..diffusion.pipelines import collect_pipeline_calibration, is_pipeline_mode
 from ..diffusion.sampling import balanced_labels, sample
 from ..diffusion.trajectory import TrajectoryStates
 
+# Where calibration sets and trajectory states are cached: $TREEQ_CACHE_DIR (`--cache-dir`), else this.
 DEFAULT_CACHE = Path("runs") / "calibration"
+
+
+def cache_dir(folder=None):
+    """The calibration cache: `folder`, else $TREEQ_CACHE_DIR, else ./runs/calibration."""
+    return Path(folder or os.environ.get("TREEQ_CACHE_DIR") or DEFAULT_CACHE)
+
+
+def _announce(path):
+    print(f"calibration cached in {path} (--cache-dir or $TREEQ_CACHE_DIR to move it; reused by later runs)",
+          file=sys.stderr, flush=True)
 # Part of every cache key: bump it when the collection changes (2: per-sample noise seeds), so a
 # cache written by older code is never read as this code's set.
 COLLECTION_VERSION = 2
@@ -66,17 +79,18 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, promp
     return tuple(torch.cat(parts) for parts in zip(*records))
 
 
-def load_or_collect(model, cache_dir=DEFAULT_CACHE, **options):
+def load_or_collect(model, folder=None, **options):
     """`collect_calibration(model, **options)`, read from / written to a cache file keyed by both."""
     keyed = {**options, "collection_version": COLLECTION_VERSION}
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    path = Path(cache_dir) / f"{model_fingerprint(model)}-{key}.pt"
+    path = cache_dir(folder) / f"{model_fingerprint(model)}-{key}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return CallInputs.from_dict(saved) if isinstance(saved, dict) else tuple(saved)
     calibration = collect_calibration(model, **options)
     saved = calibration.to_dict() if isinstance(calibration, CallInputs) else list(calibration)
     atomic_write(path, lambda p: torch.save(saved, p))
+    _announce(path)
     return calibration
 
 
@@ -127,6 +141,6 @@ class _States:
         return states.select(index)
 
 
-def load_or_record_states(model, cache_dir=DEFAULT_CACHE, **options):
+def load_or_record_states(model, folder=None, **options):
     """The trajectory states of the calibration set's trajectories (diffusion/trajectory.py), cached beside it."""
-    return trajectory.load_or_record_states(model, cache_dir, model_fingerprint(model), **options)
+    return trajectory.load_or_record_states(model, cache_dir(folder), model_fingerprint(model), **options)
