@@ -300,3 +300,28 @@ def test_eval_of_a_family_run_samples_as_the_run_did(folders, tmp_path, monkeypa
     assert seen[-1] == (16, ["a quiet harbour"], {"steps": 2, "cfg_scale": 0.5})
     assert main(["eval", "--quant", str(run), "--steps", "3", "--num-samples", "2"]) == 0
     assert seen[-1] == (2, ["a quiet harbour"], {"steps": 3, "cfg_scale": 0.5})
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: __import__("shutil").rmtree(f / "vae"), "vae: the AutoencoderKL that"),
+    (lambda f: (f / "treeq.json").write_text("{broken"), "treeq.json is not JSON"),
+    (lambda f: (f / "treeq.json").write_bytes(bytes(range(128, 200))), "treeq.json is not JSON"),
+])
+def test_a_damaged_pipeline_folder_is_named_in_one_line_before_loading(damage, message, folders, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A missing component or a broken treeq.json names the file and the fix, on one line and nothing else
+    (the libraries' import and loading chatter included)."""
+    import shutil
+
+    import diffusers
+
+    folder = tmp_path / "flux"
+    shutil.copytree(folders["flux"], folder)
+    damage(folder)
+    loaded = []
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(a) or (_ for _ in ()).throw(AssertionError)))
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folder), "--num-samples", "1", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("treeq: error: ") and message in err and not loaded

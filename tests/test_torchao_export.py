@@ -136,6 +136,8 @@ def test_cli_export_then_sample_and_eval(tiny_dit, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", model, "--quant", out, *fast, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["psnr_vs_fp"] > 0
+    assert main(["finetune", "--quant", out, "--steps", "1", "--out", str(tmp_path / "f")]) == 2
+    assert "is an export (packed or torchao), not a run" in capsys.readouterr().err
 
 
 def test_activation_bits_belong_to_the_torchao_export(tmp_path, capsys):

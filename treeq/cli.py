@@ -283,7 +283,8 @@ def cmd_finetune(args):
 
     recipe, student = load_run(args.quant)
     if recipe is None:
-        raise ValueError(f"{args.quant} is a packed export; fine-tune the run folder it was exported from")
+        raise ValueError(f"{args.quant} is an export (packed or torchao), not a run: fine-tune the run folder it "
+                         "was exported from")
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     teacher = load(recipe.model)
     if is_pipeline_model(teacher):  # a text-to-image family learns on the inputs its pipeline recorded
@@ -718,7 +719,22 @@ def _interrupted(args, argv):
     return f"treeq: interrupted; kept {what}: continue with `{again}`"
 
 
+def _quiet_libraries():
+    """What the libraries print on import and load (torchao's kernels this build lacks, torch's pytree
+    deprecations, diffusers' and transformers' notices and loading bars) is no message of ours: a command
+    prints its own lines and errors only. Strict loading (models/family_load.py) reports what matters."""
+    import logging
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None):
+    _quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)

@@ -204,7 +204,16 @@ def init_pipeline_folder(name, out, size="tiny", seed=0):
 def read_settings(folder):
     """The folder's treeq.json, or {} for a pipeline written elsewhere."""
     path = Path(folder) / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not JSON ({error}): fix it, or delete it to sample with the family's "
+                         "published settings") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object of sampling settings (height, width, steps, ...)")
+    return settings
 
 
 def _family(name):

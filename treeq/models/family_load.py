@@ -11,6 +11,10 @@ from pathlib import Path
 from .adapters import ADAPTERS
 from .families import FAMILIES, read_settings
 
+# A component's config file: models (config.json), schedulers, tokenizers, processors
+CONFIG_NAMES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json",
+                "vocab.json", "spiece.model", "tokenizer.json")
+
 
 def transformer_class(folder):
     """The transformer class a diffusers folder holds (pipeline: model_index.json; transformer: config.json)."""
@@ -38,12 +42,14 @@ def load_family_transformer(folder, class_name):
                          f"DiTTransformer2DModel, {supported}")
     folder = Path(folder)
     pipeline_folder = folder if (folder / "model_index.json").exists() else None
+    if pipeline_folder:
+        _check_components(pipeline_folder)
+    settings = read_settings(pipeline_folder) if pipeline_folder else {}  # a broken one is refused before loading
     weights = folder / "transformer" if pipeline_folder else folder
     diffusers.utils.logging.set_verbosity_error()  # what its warnings say, _check_loaded says in one line
     model, info = getattr(diffusers, class_name).from_pretrained(weights, output_loading_info=True)
     _check_loaded(weights, info)
     model.eval()
-    settings = read_settings(pipeline_folder) if pipeline_folder else {}
     family = next((name for name, f in FAMILIES.items() if f.transformer == class_name), None)
     if family and not settings:
         settings = FAMILIES[family].folder_sampling(model.config)
@@ -52,6 +58,18 @@ def load_family_transformer(folder, class_name):
     model.sampling = {key: settings[key] for key in ("height", "width", "num_frames", "steps", "cfg_scale",
                                                      "max_sequence_length") if key in settings}
     return model
+
+
+def _check_components(folder):
+    """Every component model_index.json names has its folder with a config, checked before any loading (the
+    pipeline would fail on the first missing one, minutes later at real size, without naming it)."""
+    for name, entry in _read(folder / "model_index.json").items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        part = folder / name
+        if not part.is_dir() or not any((part / config).exists() for config in CONFIG_NAMES):
+            raise FileNotFoundError(f"{part}: the {entry[1]} that {folder / 'model_index.json'} names is missing "
+                                    f"(a folder with its config); restore it or give a complete pipeline folder")
 
 
 def _check_loaded(weights, info):
