@@ -154,6 +154,9 @@ def cmd_eval(args):
             overrides = {**recipe.sampling, **overrides}
         fp_model = load(recipe.model if recipe is not None else args.model)
     else:
+        if _family_of(args.model):
+            raise ValueError(f"`treeq eval` of a {_family_of(args.model)} model measures a quantized run against its "
+                             "FP transformer: give --quant RUN")
         model = load(args.model)
     from .diffusion.pipelines import is_pipeline_model
     if is_pipeline_model(model):
@@ -306,6 +309,10 @@ def cmd_export(args):
 
     if args.format == "packed" and args.activation_bits != "run":
         raise ValueError("--activation-bits is the torchao export's; the packed export keeps the run's bits")
+    family = _family_of_run(args.quant)
+    if family:
+        raise ValueError(f"{args.quant} is a {family} run: the {args.format} export holds our DiT only; a family's run "
+                         "folder deploys as it is (treeq.load_run, or diffusers' from_pretrained with TreeQConfig)")
     _one_export_per_folder(args)
     model = load_quantized(args.quant)
     if args.format == "torchao":
@@ -317,6 +324,19 @@ def cmd_export(args):
     export(model, args.out)
     print(f"packed checkpoint in {args.out}/")
     return 0
+
+
+def _family_of(path):
+    from .models.family_load import family_of
+    return family_of(path)
+
+
+def _family_of_run(folder):
+    """The family of the model a run folder's recipe names (read from its config.json), or None."""
+    try:
+        return _family_of(json.loads((Path(folder) / "config.json").read_text())["recipe"]["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a run folder: load_run says what it is
 
 
 def _one_export_per_folder(args):

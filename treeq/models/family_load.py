@@ -32,6 +32,19 @@ def transformer_class(folder):
     return None
 
 
+def family_of(path):
+    """The text-to-image family a model path holds (read from its JSON, nothing loaded), or None (a DiT, a
+    file, a name)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    try:
+        name = transformer_class(folder)
+    except (FileNotFoundError, ValueError):
+        return None
+    return next((family for family, f in FAMILIES.items() if f.transformer == name), None)
+
+
 def load_family_transformer(folder, class_name):
     """The diffusers transformer `class_name` from `folder` (pipeline or transformer folder), in eval mode."""
     import diffusers
