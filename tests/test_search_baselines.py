@@ -131,3 +131,16 @@ def test_evaluation_budget_stops_when_the_space_runs_out():
     cost = BopsCost({"a": 1, "b": 1})
     result = random_search(AdditiveScorer(2, 0), space, cost, 8.0, 100)
     assert result.evaluations == 4  # every configuration of the space, each once
+
+
+def test_a_floor_limits_only_the_cheap_layers(tiny_dit):
+    from treeq.bits import layer_macs, uniform_config
+    from treeq.search.space import DEFAULT_CANDIDATES, SearchSpace, floored
+
+    space = SearchSpace.build(list(uniform_config(tiny_dit, 8, 8)), DEFAULT_CANDIDATES[4.0])
+    limited = floored(space, layer_macs(tiny_dit), (3, 4))
+    for name, before, after in zip(space.layers, space.candidates, limited.candidates):
+        if "adaLN_modulation" in name:
+            assert after == tuple(p for p in before if p[0] >= 3 and p[1] >= 4) and after != before
+        else:
+            assert after == before

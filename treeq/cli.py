@@ -425,7 +425,7 @@ def cmd_search(args):
                         evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost,
                         device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp,
                         budget_window=None if args.budget_window < 0 else args.budget_window,
-                        refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds)
+                        refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds, floor=args.floor)
     print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
@@ -472,6 +472,9 @@ def _add_search(sub):
     search.add_argument("--budget-window", type=number(float, -1), default=BUDGET_WINDOW,
                         help="tss: each queue keeps candidates within this many average bits of the segment's share "
                              "of the budget first; -1 = the plain Pareto drop over every cost")
+    search.add_argument("--floor", default=None, metavar="WxAy",
+                        help="cheap layers (under a tenth of the mean layer's MACs: adaLN modulation) take only "
+                             "candidates at or above these bits, e.g. W3A4 (default: none; the objective decides)")
     search.add_argument("--seed-ilp", action="store_true",
                         help="tss: run the integer program first and keep its configuration in every node's queue "
                              "(the tree then ends at or below its metric)")

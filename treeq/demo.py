@@ -25,6 +25,8 @@ from .search.run import SEARCH_RECIPE, run_search
 
 TARGET = "W4A4"
 BRANCH_RATIO = 0.05  # the Monarch branch's share of each layer's parameters
+OBJECTIVE = ("the latent's error after one sampler step from full-precision trajectory states (guided, the "
+             "channels the sampler reads)")
 
 
 def treeq_recipe(recipe=SEARCH_RECIPE, ratio=BRANCH_RATIO):
@@ -37,7 +39,7 @@ def run_demo(out, num_samples=100, seed=0):
     out.mkdir(parents=True, exist_ok=True)
     model = load("default")
     recipe = treeq_recipe()
-    print(f"TreeQ search ({TARGET}, environment {TARGET}, recipe {','.join(recipe.methods)})")
+    print(f"TreeQ search ({TARGET}, environment {TARGET}, recipe {','.join(recipe.methods)}, objective: {OBJECTIVE})")
     search = run_search(recipe, TARGET, "tss", out=out / "bits.json")
     runs = [(TARGET, SEARCH_RECIPE), (("TreeQ " + TARGET, search.config), recipe)]
     names = ("fp", "uniform " + ",".join(SEARCH_RECIPE.methods), "treeq (tss + eng + gmb)")
@@ -63,7 +65,7 @@ def _report(out, rows, search):
         ("Results (same labels and noise for every row)", [
             table_html(rows, highlight=lambda row: row["method"].startswith("treeq")),
             note_html(f"Search: {search.evaluations} evaluations in {search.seconds:.0f} s, BOPs average bits "
-                      f"{search.average_bits:.3f}. FID/sFID use the testbed classifier's features against 1,000 "
+                      f"{search.average_bits:.3f}; its objective: {OBJECTIVE}. FID/sFID use the testbed classifier's features against 1,000 "
                       "held-out digits; PSNR vs FP compares each sample with the FP sample from the same noise.")]),
         ("Samples: FP | uniform baseline | TreeQ", [figure_html(out / "comparison.png", "digits 0-9, same noise")]),
         ("The search's root front", [figure_html(out / "bits-front.png", "candidates kept at the root")]),

@@ -48,6 +48,7 @@ SCORED_ROWS = 16  # run_search's default calibration_rows
 # tss-lens: nodes read the head's sampler step a block past their segment, not the hidden tokens.
 # ilp@output: the integer program on single-layer sensitivities read at the model output (HAWQ's reading),
 # not a block past the layer as the tree's nodes read them.
+# +floor: cheap layers (adaLN) held at W3A4 or above (run_search's floor).
 # evo, random: as many evaluations as the tree made (each runs the whole model, the tree's mostly a few
 # blocks: about 10x the tree's compute at 28 blocks); evo@compute, random@compute: the tree's compute,
 # its block runs (search/estimate.py) over the model's depth in whole-model evaluations.
@@ -59,6 +60,8 @@ SEARCHES = {
     "tss": {"method": "tss"},
     "tss-lens": {"method": "tss", "readout": "lens"},
     "ilp@output": {"method": "ilp", "readout_blocks": None},
+    "ilp+floor": {"method": "ilp", "floor": "W3A4"},
+    "tss+floor": {"method": "tss", "floor": "W3A4"},
     "tss+refine": {"method": "tss", "refine_sweeps": REFINE_SWEEPS, "refine_rows": REFINE_ROWS},
     "tss+exchange": {"method": "tss", "exchange_rounds": EXCHANGE_ROUNDS, "refine_rows": REFINE_ROWS},
     "tss+ilp": {"method": "tss", "seed_ilp": True},

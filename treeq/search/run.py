@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..bits import save_config, uniform_config
+from ..bits import layer_macs, save_config, uniform_config
 from ..io import atomic_write
 from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
@@ -20,7 +20,7 @@ from .cost import cost_model, parse_target
 from .estimate import describe, estimate_tree_search
 from .objective import DEFAULT_READOUT, ModelObjective, output_error
 from .refine import exchange, refine
-from .space import DEFAULT_CANDIDATES, SearchSpace, budget_for, parse_candidates
+from .space import DEFAULT_CANDIDATES, SearchSpace, budget_for, floored, parse_candidates
 from .state import LoggedScorer
 from .pareto import BUDGET_WINDOW
 from .tree import expected_evaluations, tree_search
@@ -34,7 +34,7 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, readout=DEFAULT_READOUT, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
-               calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0):
+               calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0, floor=None):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
@@ -43,6 +43,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     `exchange_rounds` budget exchanges on the same rows (refine.exchange).
     budget_window: tree search only, see tree.tree_search. Every method's configuration is then measured
     on the held-out rows (those neither scored nor refined on): `held_out_metric` in the results file.
+    floor: e.g. "W3A4": cheap layers (space.CHEAP_SHARE of the mean MACs: adaLN) take only candidates at or
+    above it, for every method.
     seed_ilp: tree search only: run the integer program first (its scores logged to <stem>.ilp.log.jsonl)
     and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp".
     model, calibration: the full-precision model and its calibration inputs, when the caller holds them
@@ -70,6 +72,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     recipe = recipe or SEARCH_RECIPE
     model = load(recipe.model) if model is None else model
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
+    if floor is not None:
+        space = floored(space, layer_macs(model), parse_candidates(floor)[0] if isinstance(floor, str) else floor)
     costs = cost_model(model, cost)
     budget_for(space, costs, bits)  # an impossible budget is refused before calibrating and quantizing
     # Per-bit state (GPTQ codes, static scales) for every candidate and the environment, so the scorer
@@ -137,7 +141,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     if len(set(space.candidates)) == 1 else "per layer", "calibration_rows": objective.rows,
                     "readout_blocks": readout_blocks, "readout": readout, "objective": objective.settings["objective"],
                     "cost": cost, "seed": seed,
-                    "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
+                    "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "floor": floor, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
                     "budget_window": budget_window if method == "tss" else None}
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
                            "held_out_rows": num_rows(held_out, model), "front": result.front}, indent=1)

@@ -58,6 +58,23 @@ class SearchSpace:
         return tuple((config[name]["w_bits"], config[name]["a_bits"]) for name in self.layers)
 
 
+# A layer is cheap when it runs under this share of the average layer's MACs (adaLN modulation: once per
+# image, not per token; 0.8% of DiT-XL/2's MACs over 28 blocks).
+CHEAP_SHARE = 0.1
+
+
+def floored(space, macs, floor):
+    """`space` with the candidates of cheap layers (CHEAP_SHARE) limited to those at or above the (w_bits,
+    a_bits) `floor`: bits where they cost almost nothing, if the objective does not find that itself."""
+    mean = sum(macs.values()) / len(macs)
+    keep = [tuple(pair for pair in pairs if pair[0] >= floor[0] and pair[1] >= floor[1])
+            if macs[name] < CHEAP_SHARE * mean else pairs for name, pairs in zip(space.layers, space.candidates)]
+    empty = [name for name, pairs in zip(space.layers, keep) if not pairs]
+    if empty:
+        raise ValueError(f"floor W{floor[0]}A{floor[1]} leaves {empty[0]} no candidate")
+    return SearchSpace(space.layers, tuple(keep))
+
+
 def parse_candidates(text):
     """'4,4 3,4 8,8' (or W4A4 W3A4) -> ((4, 4), (3, 4), (8, 8))."""
     pairs = []
