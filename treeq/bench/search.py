@@ -48,7 +48,9 @@ SCORED_ROWS = 16  # run_search's default calibration_rows
 # tss-lens: nodes read the head's sampler step a block past their segment, not the hidden tokens.
 # ilp@output: the integer program on single-layer sensitivities read at the model output (HAWQ's reading),
 # not a block past the layer as the tree's nodes read them.
-# +floor: cheap layers (adaLN) held at W3A4 or above (run_search's floor).
+# +floor: cheap layers (adaLN) held at W3A4 or above (run_search's floor). ilp@output+refine: that integer
+# program followed by the tree's joint refinement (coordinate descent on REFINE_ROWS rows). tss@output: every
+# node reads the objective at the model output (exact, several times the block runs).
 # evo, random: as many evaluations as the tree made (each runs the whole model, the tree's mostly a few
 # blocks: about 10x the tree's compute at 28 blocks); evo@compute, random@compute: the tree's compute,
 # its block runs (search/estimate.py) over the model's depth in whole-model evaluations.
@@ -60,6 +62,9 @@ SEARCHES = {
     "tss": {"method": "tss"},
     "tss-lens": {"method": "tss", "readout": "lens"},
     "ilp@output": {"method": "ilp", "readout_blocks": None},
+    "ilp@output+refine": {"method": "ilp", "readout_blocks": None, "refine_sweeps": REFINE_SWEEPS,
+                          "refine_rows": REFINE_ROWS},
+    "tss@output": {"method": "tss", "readout_blocks": None},
     "ilp+floor": {"method": "ilp", "floor": "W3A4"},
     "tss+floor": {"method": "tss", "floor": "W3A4"},
     "tss+refine": {"method": "tss", "refine_sweeps": REFINE_SWEEPS, "refine_rows": REFINE_ROWS},
