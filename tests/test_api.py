@@ -1,26 +1,10 @@
-"""The Python API: the README's example runs as written, and quantize_ works in place."""
-import re
-from pathlib import Path
+"""The Python API: quantize_ works in place, load_run and search_bits (the README's example: test_readme.py)."""
 
 import torch
 
 import treeq
 from treeq.models.families import init_pipeline_folder
 from treeq.quant.linear import QuantLinear
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def test_the_readme_python_example_runs(tmp_path, monkeypatch):
-    code = re.search(r"From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
-    init_pipeline_folder("flux", tmp_path / "flux-tiny")
-    monkeypatch.chdir(tmp_path)
-    scope = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    pipe, bits = scope["pipe"], scope["bits"]
-    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q, QuantLinear)
-    assert treeq.api.quantize.__module__ == "treeq.ptq.apply" and bits
-    assert scope["image"].size == (16, 16)
 
 
 def test_quantize_takes_a_preset_and_a_mapping_in_place(tiny_dit):

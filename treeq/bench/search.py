@@ -65,7 +65,7 @@ SEARCHES = {
     "ilp@output+refine": {"method": "ilp", "readout_blocks": None, "refine_sweeps": REFINE_SWEEPS,
                           "refine_rows": REFINE_ROWS},
     "tss@output": {"method": "tss", "readout_blocks": None},
-    "ilp+floor": {"method": "ilp", "floor": "W3A4"},
+    "ilp@output+floor": {"method": "ilp", "readout_blocks": None, "floor": "W3A4"},
     "tss+floor": {"method": "tss", "floor": "W3A4"},
     "tss+refine": {"method": "tss", "refine_sweeps": REFINE_SWEEPS, "refine_rows": REFINE_ROWS},
     "tss+exchange": {"method": "tss", "exchange_rounds": EXCHANGE_ROUNDS, "refine_rows": REFINE_ROWS},

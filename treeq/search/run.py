@@ -45,7 +45,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     on the held-out rows (those neither scored nor refined on): `held_out_metric` in the results file.
     floor: e.g. "W3A4": cheap layers (space.CHEAP_SHARE of the mean MACs: adaLN) take only candidates at or
     above it, for every method.
-    seed_ilp: tree search only: run the integer program first (its scores logged to <stem>.ilp.log.jsonl)
+    seed_ilp: tree search only: run the integer program first, on sensitivities read at the model output (its
+    scores logged to <stem>.ilp.log.jsonl)
     and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp".
     model, calibration: the full-precision model and its calibration inputs, when the caller holds them
     (the Python API); by default the recipe's model is loaded and its calibration collected (and cached)."""
@@ -108,9 +109,11 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     if method == "tss":
         hawq = None
         if seed_ilp:
-            objective.set_env_bits(32)  # HAWQ's sensitivities: the rest of the network in full precision
-            hawq = ilp(LoggedScorer(scorer, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs, bits)
-            objective.set_env_bits(env_bits)
+            # HAWQ's sensitivities, read where they are strongest: the rest of the network in full precision,
+            # the objective at the model output (a block past the layer ranks them worse: docs/RESULTS.md)
+            sensitivities = ModelObjective(quantized, rows, 32, readout_blocks=None)
+            hawq = ilp(LoggedScorer(sensitivities, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs,
+                       bits)
         seeds = [space.assignment(hawq.config)] if hawq else []
         if progress and writer and not resume:
             print(describe(estimate_tree_search(objective, space, queue_size)), file=sys.stderr, flush=True)
