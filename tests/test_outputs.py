@@ -39,6 +39,9 @@ CASES = [
     (["finetune", "--quant", "RUN"], "RUN/tuned"),
     (["export", "--quant", "RUN"], "RUN/export"),
     (["train"], "PIPE/transformer"),
+    (["init", "--size", "DiT-S/8"], "TMP/notes.txt"),
+    (["init", "--size", "DiT-S/8"], "PIPE/transformer"),
+    (["init", "--family", "flux"], "RUN"),
 ]
 
 
@@ -63,6 +66,6 @@ def test_a_search_may_rewrite_its_own_bit_configuration(tmp_path):
     bits.write_text(json.dumps({"blocks.0.attn.qkv": {"w_bits": 4, "a_bits": 4}}))
     check_output(bits, "bits")  # accepted: treeq wrote it
     bits.write_text("my notes")
-    with pytest.raises(ValueError, match="not a file `treeq` writes"):
+    with pytest.raises(ValueError, match="not a file `treeq search` wrote"):
         check_output(bits, "bits")
     check_output(bits, "bits", overwrite=True)

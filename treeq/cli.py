@@ -611,7 +611,8 @@ def build_parser():
     init.add_argument("--num-heads", type=COUNT, default=None)
     init.add_argument("--vae-channels", default="128,256,512,512",
                       help="block widths of the random VAE (diffusers format and 'vae'); SD-VAE's by default")
-    init.set_defaults(func=cmd_init)
+    _add_overwrite(init)
+    init.set_defaults(func=cmd_init, output_kind="model", inputs=())
 
     info = sub.add_parser("info", help="layers, parameters and MACs of a model")
     info.add_argument("--model", default="default")

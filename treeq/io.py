@@ -47,8 +47,10 @@ def folder_kinds(folder):
 # Files that make a folder a model: a diffusers pipeline, a transformer or VAE folder, weights.
 MODEL_FILES = ("model_index.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                "diffusion_pytorch_model.safetensors.index.json", "scheduler_config.json")
-# Outputs that are one file, and how to tell one this command wrote (it may replace those).
-FILE_KINDS = {"bits": lambda path: _is_bit_config(path)}
+# Outputs that may be one file: kind -> (the command that writes it, how to tell a file it wrote (it may
+# replace those), whether the output may be a folder instead: then the folder rules apply).
+FILE_KINDS = {"bits": ("search", lambda path: _is_bit_config(path), False),   # a bit configuration
+              "model": ("init", lambda path: False, True)}                    # a checkpoint file or a folder
 
 
 def is_model_folder(folder):
@@ -94,12 +96,13 @@ def check_output(out, kind, inputs=(), overwrite=False):
         if output_folder_kinds(folder):
             raise ValueError(f"--out {out} lies inside the TreeQ {', '.join(sorted(output_folder_kinds(folder)))} folder "
                              f"{folder}; choose another --out")
-    if kind in FILE_KINDS:
+    if kind in FILE_KINDS and not (out.is_dir() and FILE_KINDS[kind][2]):
+        command, ours, _ = FILE_KINDS[kind]
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory; give a file, e.g. {out / 'bits.json'}")
-        if out.exists() and not FILE_KINDS[kind](out) and not overwrite:
-            raise ValueError(f"--out {out} exists and is not a file `treeq` writes there; choose another --out or "
-                             "pass --overwrite to replace it")
+        if out.exists() and not ours(out) and not overwrite:
+            raise ValueError(f"--out {out} exists and is not a file `treeq {command}` wrote; choose another --out "
+                             "or pass --overwrite to replace it")
         return
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
