@@ -42,6 +42,8 @@ CASES = [
     (["init", "--size", "DiT-S/8"], "TMP/notes.txt"),
     (["init", "--size", "DiT-S/8"], "PIPE/transformer"),
     (["init", "--family", "flux"], "RUN"),
+    (["demo"], "PIPE/transformer"),
+    (["demo"], "RUN"),
 ]
 
 

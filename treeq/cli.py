@@ -683,7 +683,8 @@ def build_parser():
     demo = sub.add_parser("demo", help="the main job on the embedded testbed")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--num-samples", type=COUNT, default=100)
-    demo.set_defaults(func=cmd_demo)
+    _add_overwrite(demo)
+    demo.set_defaults(func=cmd_demo, output_kind="demo", inputs=())
     _add_search(sub)
     return parser
 

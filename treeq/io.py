@@ -23,6 +23,7 @@ FOLDER_KINDS = {
     "export": ("packed.json", "packed.safetensors", "torchao.json", "torchao.pt"),    # export
     "samples": ("sampling.json", "samples.npz", "parts"),                              # sample
     "training": ("checkpoint.pt", "model.safetensors", "model.json", "log.jsonl"),     # train
+    "demo": ("report.html", "comparison.png"),                                          # demo
 }
 
 
