@@ -58,7 +58,7 @@ def test_impossible_budget_is_one_line_and_exit_2(tiny_path, tmp_path, capsys):
 def test_bench_search_reuses_a_finished_search(tiny_path, tmp_path, monkeypatch):
     import treeq.bench.search as bench
     from treeq.ptq.recipe import Recipe
-    recipe = Recipe(model=tiny_path, calibration_images=4, calibration_timesteps=2)  # 16 rows
+    recipe = Recipe(model=tiny_path, calibration_images=8, calibration_timesteps=2)  # 16 states
     config, summary = bench.searched("W4A4", "uniform", tmp_path, recipe=recipe)
     assert summary["method"] == "uniform" and set(config) and summary["evaluations"] > 0
     monkeypatch.setattr(bench, "run_search", lambda *a, **k: pytest.fail("searched again"))
@@ -73,8 +73,10 @@ def test_too_many_scored_rows_are_refused_before_quantizing(tiny_path, tmp_path,
     monkeypatch.setattr(apply, "quantize", fail)
     argv = ["search", "--model", tiny_path, *FAST[:2], "--calibration-images", "2", "--calibration-timesteps", "2",
             "--calibration-rows", "9", "--out", str(tmp_path / "b.json")]
-    assert main(argv) == 2
-    assert "calibration_rows must be in 1..8, got 9" in capsys.readouterr().err
+    assert main(argv) == 2  # more than even a guided set could hold: before loading
+    assert "9 calibration rows to score (and refine on) need more than the 4" in capsys.readouterr().err
+    assert main(argv[:-4] + ["--calibration-rows", "5", "--out", str(tmp_path / "b.json")]) == 2  # 4 states
+    assert "calibration_rows must be in 1..4, got 5" in capsys.readouterr().err
 
 
 def test_search_reports_its_peak_memory(tiny_path, tmp_path, capsys):
@@ -138,7 +140,7 @@ def test_held_out_rows_are_apart_from_the_scored_and_the_refined_ones(tiny_dit):
 def test_a_search_reports_its_error_on_rows_it_did_not_score(tiny_path, tmp_path):
     from treeq.models.load import load
     from treeq.ptq.apply import quantize
-    from treeq.ptq.calibration import load_or_collect, split_rows
+    from treeq.ptq.calibration import load_or_collect, load_or_record_states, split_rows
     from treeq.search.objective import output_error
     from treeq.search.run import SEARCH_RECIPE
     out = tmp_path / "r.json"
@@ -147,12 +149,13 @@ def test_a_search_reports_its_error_on_rows_it_did_not_score(tiny_path, tmp_path
     assert main(argv) == 0
     results = json.loads(out.with_suffix(".results.json").read_text())
     assert results["settings"]["refine_rows"] == 2
-    # The figure is the chosen bits' output error on the two rows neither scored nor refined on.
+    # The figure is the chosen bits' objective on the two trajectory states neither scored nor refined on.
     recipe = replace(SEARCH_RECIPE, model=tiny_path, calibration_images=2, calibration_timesteps=4)
     model = load(tiny_path)
     calibration = load_or_collect(model, **recipe.calibration_options())
-    *_, held_out = split_rows(calibration, (4, 2), model)
-    assert results["held_out_rows"] == len(held_out[0]) == len(calibration[0]) - 6 > 0
+    states = load_or_record_states(model, **recipe.calibration_options())
+    *_, held_out = split_rows(states, (4, 2), model)
+    assert results["held_out_rows"] == len(held_out) == len(states) - 6 > 0
     config = load_config(out)
     quantized = quantize(model, config, replace(recipe, switch_bits=((3, 3), (4, 4), (8, 8))), calibration=calibration)
     assert results["held_out_metric"] == pytest.approx(output_error(quantized, held_out, config), rel=1e-5)

@@ -141,7 +141,7 @@ def test_cli_export_then_sample_and_eval(tiny_dit, tmp_path, capsys):
 
 
 def test_activation_bits_belong_to_the_torchao_export(tmp_path, capsys):
-    assert main(["export", "--quant", str(tmp_path), "--activation-bits", "8", "--out", str(tmp_path / "e")]) == 2
+    assert main(["export", "--quant", str(tmp_path / "run"), "--activation-bits", "8", "--out", str(tmp_path / "e")]) == 2
     assert "torchao export" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
