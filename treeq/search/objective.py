@@ -16,6 +16,7 @@ from ..bits import check_bits, quantizable_layers
 from ..diffusion.trajectory import TrajectoryStates
 from ..models.adapters import adapter_for
 from ..ptq.apply import set_bits_
+from ..ptq.calibration import num_rows
 from ..quant.linear import QuantLinear
 from .readouts import DEFAULT_READOUT, READOUTS
 
@@ -103,7 +104,7 @@ class ModelObjective:
         self.metric = metric
         device = next(model.parameters()).device
         self.calibration = calibration
-        self.rows = len(calibration) if isinstance(calibration, TrajectoryStates) else self.adapter.num_rows(calibration)
+        self.rows = num_rows(calibration, model)
         self._batches, self._weights = zip(*batches_of(self.adapter, calibration, batch_size, device))
         with torch.no_grad():
             set_bits_(model, {})  # full precision: the reference
