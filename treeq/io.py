@@ -32,17 +32,12 @@ FOLDER_KINDS = {
 COMMON_NAMES = {"bits.json", "config.json", "log.jsonl", "parts"}
 
 
-def output_folder_kinds(folder):
-    """The kinds of TreeQ output `folder` certainly is: by the files only that command writes."""
+def folder_kinds(folder, certain=False):
+    """The kinds of TreeQ output whose files `folder` holds (empty for an empty or foreign folder); with
+    `certain`, only by the files that command alone writes (not COMMON_NAMES)."""
     folder = Path(folder)
     return {kind for kind, names in FOLDER_KINDS.items()
-            if any((folder / name).exists() for name in names if name not in COMMON_NAMES)}
-
-
-def folder_kinds(folder):
-    """The kinds of TreeQ output whose files `folder` holds (empty for an empty or foreign folder)."""
-    folder = Path(folder)
-    return {kind for kind, names in FOLDER_KINDS.items() if any((folder / name).exists() for name in names)}
+            if any((folder / name).exists() for name in names if not (certain and name in COMMON_NAMES))}
 
 
 # Files that make a folder a model: a diffusers pipeline, a transformer or VAE folder, weights.
@@ -50,7 +45,7 @@ MODEL_FILES = ("model_index.json", "diffusion_pytorch_model.safetensors", "diffu
                "diffusion_pytorch_model.safetensors.index.json", "scheduler_config.json")
 # Outputs that may be one file: kind -> (the command that writes it, how to tell a file it wrote (it may
 # replace those), whether the output may be a folder instead: then the folder rules apply).
-FILE_KINDS = {"bits": ("search", lambda path: _is_bit_config(path), False),   # a bit configuration
+FILE_KINDS = {"bits": ("search", lambda path: _is_bit_config(path), False),   # a bit configuration (below)
               "model": ("init", lambda path: False, True)}                    # a checkpoint file or a folder
 
 
@@ -67,11 +62,13 @@ def is_model_folder(folder):
 
 
 def _is_bit_config(path):
+    from .bits import load_config  # bits writes through this module
+
     try:
-        data = json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError, OSError):
+        load_config(path)
+    except (ValueError, OSError):
         return False
-    return isinstance(data, dict) and all(isinstance(v, dict) and set(v) == {"w_bits", "a_bits"} for v in data.values())
+    return True
 
 
 def check_output(out, kind, inputs=(), overwrite=False):
@@ -94,9 +91,10 @@ def check_output(out, kind, inputs=(), overwrite=False):
         if folder.is_dir() and is_model_folder(folder):
             raise ValueError(f"--out {out} would write into the model folder {folder}; choose another --out")
     for folder in resolved.parents:
-        if output_folder_kinds(folder):
-            raise ValueError(f"--out {out} lies inside the TreeQ {', '.join(sorted(output_folder_kinds(folder)))} folder "
-                             f"{folder}; choose another --out")
+        kinds = folder_kinds(folder, certain=True)
+        if kinds:
+            raise ValueError(f"--out {out} lies inside the TreeQ {', '.join(sorted(kinds))} folder {folder}; choose "
+                             "another --out")
     if kind in FILE_KINDS and not (out.is_dir() and FILE_KINDS[kind][2]):
         command, ours, _ = FILE_KINDS[kind]
         if out.is_dir():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models.adapters import CallInputs, adapter_for
-from .sampling import sample_generators
+from .sampling import kept_steps, sample_generators
 
 # Prompts used when none are given: short, varied scenes (a user's own list comes with --prompts FILE).
 DEFAULT_PROMPTS = (
@@ -127,9 +127,7 @@ def record_calibration(pipeline, num_timesteps=None, *, steps, **call):
     """CallInputs of `pipeline.transformer` at `num_timesteps` evenly spaced of its `steps` denoising steps
     (None: every step) while `pipeline(**call)` runs; both halves of a guided batch are kept."""
     num_timesteps = steps if num_timesteps is None else num_timesteps
-    if not 1 <= num_timesteps <= steps:
-        raise ValueError(f"num_timesteps must be in 1..{steps} (the sampler's steps), got {num_timesteps}")
-    keep = set(torch.linspace(0, steps - 1, num_timesteps).round().long().tolist())
+    keep = kept_steps(steps, num_timesteps)
     transformer = pipeline.transformer
     adapter, calls, step, last = adapter_for(transformer), [], [-1], [None]
     signature = inspect.signature(transformer.forward)

@@ -21,6 +21,14 @@ SAMPLERS = ("dpm++", "ddim", "ddpm", "pipeline")
 _SCHEDULE = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
+def kept_steps(steps, num_timesteps):
+    """The indices of `num_timesteps` evenly spaced steps of `steps` (first and last kept): where calibration
+    and trajectory states are recorded."""
+    if not 1 <= num_timesteps <= steps:
+        raise ValueError(f"num_timesteps must be in 1..{steps} (the sampler's steps), got {num_timesteps}")
+    return set(torch.linspace(0, steps - 1, num_timesteps).round().long().tolist())
+
+
 def make_scheduler(sampler, clip_sample=False, scheduler=None, learn_sigma=True):
     """A fresh diffusers scheduler: `sampler` on DiT's 1000-step linear schedule, or for
     sampler "pipeline" the scheduler described by the diffusers config dict `scheduler`."""

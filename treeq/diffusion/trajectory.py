@@ -7,22 +7,18 @@ of the latent that an output error makes in one step is the sum over output grou
 the samplers linear in the output (DDIM, DPM-Solver++, Euler), linearised at the full-precision output for
 DDPM's learned variance, and zero on channels the sampler never reads (the variance under DPM-Solver++).
 """
-import hashlib
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
 from ..models.dit import guided_output
 from .defaults import sampling_defaults
-from .sampling import balanced_labels, sample
+from .sampling import balanced_labels, kept_steps, sample
 
 # The finite-difference step: exact for the linear samplers whatever its size; small against the outputs
 # (about unit scale) for DDPM's learned variance; far above float32 rounding of latents of unit scale.
 PROBE = 1e-2
-STATES_VERSION = 1  # part of the cache key: bump it when recording changes
+STATES_VERSION = 1  # part of the states' cache key (ptq/calibration.py): bump it when recording changes
 
 
 @dataclass(frozen=True)
@@ -88,10 +84,7 @@ def record_states(model, num_images=32, num_timesteps=10, seed=1234, **sampling)
     """TrajectoryStates at `num_timesteps` evenly spaced steps of the full-precision trajectories of
     `num_images` images (labels balanced): the same trajectories `collect_calibration` records."""
     settings = {**sampling_defaults(model), **sampling}
-    steps = settings["steps"]
-    if not 1 <= num_timesteps <= steps:
-        raise ValueError(f"num_timesteps must be in 1..{steps} (the sampler's steps), got {num_timesteps}")
-    keep = set(torch.linspace(0, steps - 1, num_timesteps).round().long().tolist())
+    keep = kept_steps(settings["steps"], num_timesteps)
     guided = settings["cfg_scale"] != 1.0
     rows_per_state = 2 if guided else 1
     step, last_inputs, inputs, weights = [0], [None], [], []
@@ -114,15 +107,3 @@ def record_states(model, num_images=32, num_timesteps=10, seed=1234, **sampling)
     return TrajectoryStates(tuple(torch.cat(parts) for parts in zip(*inputs)), torch.cat(weights), rows_per_state,
                             float(settings["cfg_scale"]), channels)
 
-
-def load_or_record_states(model, cache_dir, fingerprint, **options):
-    """`record_states(model, **options)`, read from / written to a cache file keyed by the model's
-    `fingerprint` and the options."""
-    keyed = {**options, "states_version": STATES_VERSION}
-    key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    path = Path(cache_dir) / f"{fingerprint}-states-{key}.pt"
-    if path.exists():
-        return TrajectoryStates.from_dict(torch.load(path, weights_only=True))
-    states = record_states(model, **options)
-    atomic_write(path, lambda p: torch.save(states.to_dict(), p))
-    return states

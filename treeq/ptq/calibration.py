@@ -16,11 +16,10 @@ import torch
 from ..io import atomic_write
 from ..models.adapters import CallInputs, adapter_for
 from ..models.adapters.dit import DiTAdapter
-from ..diffusion import trajectory
 from ..diffusion.defaults import sampling_defaults
 from ..diffusion.pipelines import collect_pipeline_calibration, is_pipeline_model, pipeline_settings
-from ..diffusion.sampling import balanced_labels, sample
-from ..diffusion.trajectory import TrajectoryStates
+from ..diffusion.sampling import balanced_labels, kept_steps, sample
+from ..diffusion.trajectory import STATES_VERSION, TrajectoryStates, record_states
 
 # Where calibration sets and trajectory states are cached: $TREEQ_CACHE_DIR (`--cache-dir`), else this.
 DEFAULT_CACHE = Path("runs") / "calibration"
@@ -64,9 +63,7 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, promp
     if prompts:
         raise ValueError(f"prompts condition text-to-image families; {type(model).__name__} is class-conditional")
     settings = {**sampling_defaults(model), **sampling}
-    if not 1 <= num_timesteps <= settings["steps"]:
-        raise ValueError(f"num_timesteps must be in 1..{settings['steps']} (the sampler's steps), got {num_timesteps}")
-    keep = set(torch.linspace(0, settings["steps"] - 1, num_timesteps).round().long().tolist())
+    keep = kept_steps(settings["steps"], num_timesteps)
     records, call = [], [0]
 
     def record(x, t, y):
@@ -81,17 +78,26 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, promp
 
 def load_or_collect(model, folder=None, **options):
     """`collect_calibration(model, **options)`, read from / written to a cache file keyed by both."""
-    keyed = {**options, "collection_version": COLLECTION_VERSION}
+    def saved(calibration):
+        return calibration.to_dict() if isinstance(calibration, CallInputs) else list(calibration)
+
+    def loaded(data):
+        return CallInputs.from_dict(data) if isinstance(data, dict) else tuple(data)
+    return _cached(model, folder, "", {**options, "collection_version": COLLECTION_VERSION},
+                   lambda: collect_calibration(model, **options), saved, loaded)
+
+
+def _cached(model, folder, tag, keyed, make, saved, loaded):
+    """make(), read from / written to `folder`'s cache file named by the model's fingerprint, `tag` and a hash
+    of `keyed`; a new file is announced."""
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    path = cache_dir(folder) / f"{model_fingerprint(model)}-{key}.pt"
+    path = cache_dir(folder) / f"{model_fingerprint(model)}-{tag}{key}.pt"
     if path.exists():
-        saved = torch.load(path, weights_only=True)
-        return CallInputs.from_dict(saved) if isinstance(saved, dict) else tuple(saved)
-    calibration = collect_calibration(model, **options)
-    saved = calibration.to_dict() if isinstance(calibration, CallInputs) else list(calibration)
-    atomic_write(path, lambda p: torch.save(saved, p))
+        return loaded(torch.load(path, weights_only=True))
+    value = make()
+    atomic_write(path, lambda p: torch.save(saved(value), p))
     _announce(path)
-    return calibration
+    return value
 
 
 def spread_rows(calibration, rows, model=None):
@@ -143,4 +149,5 @@ class _States:
 
 def load_or_record_states(model, folder=None, **options):
     """The trajectory states of the calibration set's trajectories (diffusion/trajectory.py), cached beside it."""
-    return trajectory.load_or_record_states(model, cache_dir(folder), model_fingerprint(model), **options)
+    return _cached(model, folder, "states-", {**options, "states_version": STATES_VERSION},
+                   lambda: record_states(model, **options), TrajectoryStates.to_dict, TrajectoryStates.from_dict)
