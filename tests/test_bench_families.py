@@ -7,6 +7,7 @@ import torch
 
 from treeq.bench import families as bench
 from treeq.bits import uniform_config
+from treeq.models import shapes
 from treeq.models.adapters import adapter_for
 from treeq.models.families import FAMILIES, init_pipeline_folder
 from treeq.models.load import load
@@ -14,6 +15,7 @@ from treeq.ptq.apply import quantize
 from treeq.ptq.calibration import collect_calibration, spread_rows
 from treeq.ptq.recipe import Recipe
 from treeq.search.cost import cost_model
+from treeq.search.estimate import BlockRunCounter, project_search
 from treeq.search.objective import ModelObjective
 from treeq.search.space import SearchSpace
 from treeq.search.tree import tree_search
@@ -31,8 +33,8 @@ def test_full_kl_vaes_give_the_published_token_counts(name, image_tokens, text_t
         vae = diffusers.AutoencoderKL(**family.full_vae)
     assert len(vae.config.block_out_channels) == 4 and vae.config.latent_channels == latent_channels
     assert family.full["in_channels"] == latent_channels * (4 if name == "flux" else 1)
-    assert bench.token_counts(name, "full") == {"image_tokens": image_tokens, "text_tokens": text_tokens}
-    assert bench.token_counts(name, "tiny")["image_tokens"] == 16  # the tiny VAE is unchanged
+    assert shapes.token_counts(name, "full") == {"image_tokens": image_tokens, "text_tokens": text_tokens}
+    assert shapes.token_counts(name, "tiny")["image_tokens"] == 16  # the tiny VAE is unchanged
 
 
 def test_the_small_full_vae_encodes_8x_to_the_published_channels():
@@ -44,9 +46,9 @@ def test_the_small_full_vae_encodes_8x_to_the_published_channels():
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_synthetic_inputs_give_the_token_counts_and_block_rows_have_the_keys(name):
-    model = bench.reduced_transformer(name, "tiny")
+    model = shapes.reduced_transformer(name, "tiny")
     adapter = adapter_for(model)
-    state = adapter.embed(model, bench.synthetic_inputs(name, model, 2, "tiny"))
+    state = adapter.embed(model, shapes.synthetic_inputs(name, model, 2, "tiny"))
     assert state["hidden_states"].shape[:2] == (2, model.source["image_tokens"])
     assert len(adapter.block_names(model)) == len(bench.KIND_NAMES[name])
     rows = bench.time_blocks(name, "tiny", max_seconds=5.0, rows_tried=(16,))
@@ -82,7 +84,7 @@ def test_the_block_run_counter_counts_what_the_scorer_runs(tiny_sd3, monkeypatch
     run_blocks = type(objective.adapter).run_blocks
     monkeypatch.setattr(type(objective.adapter), "run_blocks",
                         lambda self, *args: calls.append(args[3] - args[2]) or run_blocks(self, *args))
-    counter = bench.BlockRunCounter(objective.block_of, objective.depth, 1, scorer=objective)
+    counter = BlockRunCounter(objective.block_of, objective.depth, 1, scorer=objective)
     space = SearchSpace.build(objective.layers, ((4, 4), (8, 8)))
     result = tree_search(counter, space, cost_model(quantized), 6.0, queue_size=2, progress=False)
     assert counter.evaluations == result.evaluations
@@ -90,9 +92,9 @@ def test_the_block_run_counter_counts_what_the_scorer_runs(tiny_sd3, monkeypatch
 
 
 def test_the_projection_is_evaluations_times_block_runs_times_block_time():
-    model = bench.meta_transformer("flux", "tiny")
+    model = shapes.meta_transformer("flux", "tiny")
     seconds = {0: 2.0, 1: 0.5}
-    projection = bench.project_search(model, lambda b, depth: 0 if b < 2 else 1, seconds, queue_size=2)
+    projection = project_search(model, lambda b, depth: 0 if b < 2 else 1, seconds, queue_size=2)
     assert projection["search_seconds"] == pytest.approx(projection["expected_evaluations"]
                                                          * projection["block_runs_per_evaluation"]
                                                          * projection["block_seconds"])
@@ -100,7 +102,7 @@ def test_the_projection_is_evaluations_times_block_runs_times_block_time():
                                                              * projection["block_seconds"])
     assert 0.5 < projection["block_seconds"] < 2.0  # run-weighted over both kinds
     assert projection["simulated_evaluations"] <= projection["expected_evaluations"]
-    doubled = bench.project_search(model, lambda b, depth: 0 if b < 2 else 1, {0: 4.0, 1: 1.0}, queue_size=2)
+    doubled = project_search(model, lambda b, depth: 0 if b < 2 else 1, {0: 4.0, 1: 1.0}, queue_size=2)
     assert doubled["search_seconds"] == pytest.approx(2 * projection["search_seconds"])
     rows = bench.search_projection_rows("pixart", {0: 1.0}, queue_size=2)
     assert all(set(row) == KEYS for row in rows)

@@ -68,7 +68,7 @@ def test_run_folder_reloads_without_recalibrating(tiny_path, tmp_path, capsys, m
     assert recipe["method_options"] == {"smooth": {"alpha": 0.6}, "lowrank": {"rank": 4, "ratio": 0.0},
                                         "gptq": {"damp": 0.01, "block_size": 128}}
     assert recipe["sampling"] == {"steps": 4}
-    _, built = run_module.build(run_module.Recipe.from_dict(recipe))
+    built = run_module.build(run_module.Recipe.from_dict(recipe))
     monkeypatch.setattr(run_module, "load_or_collect", lambda *a, **k: pytest.fail("recalibrated"))
     monkeypatch.setattr(methods, "gptq_quantize", lambda *a, **k: pytest.fail("re-ran GPTQ"))
     loaded = run_module.load_quantized(run)

@@ -327,7 +327,7 @@ def test_a_damaged_pipeline_folder_is_named_in_one_line_before_loading(damage, m
     assert err.count("\n") == 1 and err.startswith("treeq: error: ") and message in err and not loaded
 
 
-def test_export_and_eval_of_a_family_are_refused_before_loading(folders, tmp_path, monkeypatch, capsys):
+def test_a_packed_export_and_eval_of_a_family_are_refused_before_loading(folders, tmp_path, monkeypatch, capsys):
     """Decided from the folders' JSON: no model is loaded (a load would fail this test)."""
     import treeq.models.load
     import treeq.ptq.run
@@ -342,8 +342,6 @@ def test_export_and_eval_of_a_family_are_refused_before_loading(folders, tmp_pat
     monkeypatch.setattr(treeq.models.load, "load", no_load)
     monkeypatch.setattr(treeq.ptq.run, "load_quantized", no_load)
     for argv, message in ((["export", "--quant", str(run), "--out", str(tmp_path / "E")], "is a sd3 run: the packed"),
-                          (["export", "--quant", str(run), "--format", "torchao", "--out", str(tmp_path / "E")],
-                           "torchao export holds our DiT only"),
                           (["eval", "--model", str(folders["sd3"])], "give --quant RUN")):
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -39,18 +39,21 @@ def quantize_(transformer, recipe="W4A4", calibration=None):
     return quantize(transformer, bits, recipe, calibration=calibration, inplace=True)
 
 
-def search_bits(transformer, calibration, target="W4A4", recipe=None, method="tss", out=None, **options):
+def search_bits(transformer, calibration, target="W4A4", recipe=None, method="tss", out=None, max_cost=None,
+                **options):
     """A mixed-precision bit configuration for `transformer` at the `target` budget (TreeQ's tree search by
     default (not named `search`: the package treeq.search would shadow it once imported), or ilp, evo, greedy, random, uniform); `transformer` itself is left as it is. Returns the
     search result (`.config` is the mapping `quantize_` takes as a recipe's bits). The search's files
-    (state, log, plots) go beside `out`, or into a temporary folder. `options`: queue_size, env_bits,
-    calibration_rows, candidates, ... as `treeq search` takes them."""
+    (state, log, plots) go beside `out`, or into a temporary folder. max_cost: a tree search planned above
+    this many image equivalents (its block-row runs over those of sampling one image) raises ValueError
+    before anything is quantized or scored; its results file says what it ran (`compute`). `options`:
+    queue_size, env_bits, calibration_rows, candidates, ... as `treeq search` takes them."""
     from .search.run import SEARCH_RECIPE, run_search
 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(out) if out is not None else Path(folder) / "bits.json"
         return run_search(recipe or SEARCH_RECIPE, target, method, out=out, model=transformer,
-                          calibration=calibration, progress=False, **options)
+                          calibration=calibration, progress=False, max_cost=max_cost, **options)
 
 
 def load_run(folder):

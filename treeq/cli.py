@@ -19,6 +19,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .flags import add_dataclass_arguments, number  # noqa: E402  (light: no torch)
+from .flags import DTYPE_CHOICES  # noqa: E402  (light: no torch)
+from .models.sizes import SIZE_KEYS  # noqa: E402  (light: no torch)
 from .search.pareto import BUDGET_WINDOW  # noqa: E402  (light: no torch)
 from .search.readouts import DEFAULT_READOUT, READOUTS  # noqa: E402  (light: no torch)
 
@@ -31,12 +33,18 @@ CFG = number(float, 0)          # 0 samples unconditionally, 1 unguided, above 1
 
 
 def _load(args):
-    """The model named by --model, or the quantized model in --quant when given."""
+    """The model named by --model in --dtype, or the quantized model in --quant (in the dtype it was made in)."""
+    dtype = getattr(args, "dtype", "auto")
     if getattr(args, "quant", None):
         from .ptq.run import load_quantized
-        return load_quantized(args.quant)
+        model = load_quantized(args.quant)
+        held = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if dtype not in ("auto", held):
+            raise ValueError(f"{args.quant} holds a {held} run: it samples as it was quantized (omit --dtype, or "
+                             f"quantize again with --dtype {dtype})")
+        return model
     from .models.load import load
-    return load(args.model)
+    return load(args.model, dtype)
 
 
 def _env_bits():
@@ -47,7 +55,7 @@ def _env_bits():
 
 def _sampling_overrides(args):
     """The sampling flags given on the command line; the model's defaults fill the rest."""
-    keys = ("sampler", "steps", "cfg_scale", "guidance_channels", "clip_sample")
+    keys = ("sampler", "steps", "cfg_scale", "guidance_channels", "clip_sample", *SIZE_KEYS)
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "scheduler", None):
         from .models.diffusers_load import read_json
@@ -80,7 +88,7 @@ def cmd_train(args):
 def cmd_sample(args):
     from .diffusion.defaults import resolve_sampling
     from .distributed import setup, teardown
-    from .pipeline import latent_decoder, prepare_model, resolve_classes, sample_to_folder
+    from .pipeline import latent_decoder, resolve_classes, sample_to_folder
 
     model = _load(args)
     from .diffusion.pipelines import is_pipeline_model
@@ -91,13 +99,13 @@ def cmd_sample(args):
         if args.prompts:
             raise ValueError(f"--prompts condition text-to-image families; {type(model).__name__} is class-conditional "
                              "(give --classes)")
-        model = prepare_model(model, device, args.dtype, quantized=bool(args.quant))
-        vae, vae_path = latent_decoder(model, args.vae, device, args.dtype)
+        model = model.to(device)
+        vae, vae_path = latent_decoder(model, args.vae, device)
         settings = resolve_sampling(model, **_sampling_overrides(args))
         classes = resolve_classes(args.classes, model.config.num_classes,
                                   getattr(model, "source", {}).get("id2label"))
         record = {"model": args.model, "quant": args.quant, "vae": vae_path, "device": args.device,
-                  "dtype": args.dtype}
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         done = sample_to_folder(model, args.out, num_samples=args.num_samples, settings=settings, seed=args.seed,
                                 batch_size=args.batch_size, vae=vae, classes=classes, record=record, rank=rank,
                                 world_size=world_size, progress=not args.quiet)
@@ -122,7 +130,7 @@ def _sample_family(model, args):
     done = sample_family_to_folder(model.to(args.device or "cpu"), args.out, num_samples=args.num_samples,
                                    seed=args.seed, batch_size=args.batch_size, prompts=_prompts(args),
                                    record={"model": args.model, "quant": args.quant}, steps=args.steps,
-                                   cfg_scale=args.cfg_scale)
+                                   cfg_scale=args.cfg_scale, **{key: getattr(args, key) for key in SIZE_KEYS})
     videos = f"{args.out}/videos.npz (every frame; samples.npz: middle frames), " if done.get("videos") else ""
     print(f"{args.num_samples} samples in {done['seconds']:.1f} s -> {videos}{args.out}/samples.npz, "
           f"{args.out}/grid.png, {args.out}/sampling.json; {describe_peak_memory()}")
@@ -152,7 +160,7 @@ def cmd_eval(args):
         recipe, model = load_run(args.quant)
         if recipe is not None:
             overrides = {**recipe.sampling, **overrides}
-        fp_model = load(recipe.model if recipe is not None else args.model)
+        fp_model = load(recipe.model, recipe.dtype) if recipe is not None else load(args.model)
     else:
         if _family_of(args.model):
             raise ValueError(f"`treeq eval` of a {_family_of(args.model)} model measures a quantized run against its "
@@ -166,6 +174,7 @@ def cmd_eval(args):
         from .eval.fidelity import family_fidelity
         # the run's own steps, guidance and prompts unless a flag overrides them, as the DiT path does
         recorded = {key: overrides.get(key) for key in ("steps", "cfg_scale")}
+        recorded.update({key: overrides[key] for key in SIZE_KEYS if overrides.get(key) is not None})
         prompts = _prompts(args) or (list(recipe.prompts) if recipe is not None and recipe.prompts else None)
         _print(family_fidelity(model, fp_model, args.num_samples or FAMILY_EVAL_SAMPLES, args.seed, prompts,
                                **recorded), args.json)
@@ -253,26 +262,29 @@ def cmd_quantize(args):
     from .bits import average_bits
     from .distributed import check_device
     from .memory import describe_peak_memory
+    from .models.dtype import check_device_dtype
     from .ptq.apply import quantization_map
     from .ptq.recipe import recipe_from_args
     from .ptq.run import build, save_run
 
     recipe = recipe_from_args(args, sampling=_sampling_overrides(args), prompts=tuple(_prompts(args) or ()))
+    recipe = recipe.resolved_dtype()
     device = check_device(args.device)
+    check_device_dtype(recipe.dtype, device)
     if args.target:  # TreeQ in one command: search the bits with this recipe (its branch attached), then quantize
         from .search.run import run_search
         if args.bits != "W4A4":
             raise ValueError(f"give either --target (search the bits) or --config {args.bits}, not both")
         bits = Path(args.out) / "search" / "bits.json"
         run_search(recipe, args.target, args.search, out=bits, env_bits=args.env_bits, queue_size=args.queue_size,
-                   device=device, seed_ilp=args.seed_ilp)
+                   device=device, seed_ilp=args.seed_ilp, max_cost=args.max_cost)
         recipe = replace(recipe, bits=str(bits))
-    model, quantized = build(recipe, device=device)
+    quantized = build(recipe, device=device, progress=True)
     bits = quantization_map(quantized)
     save_run(args.out, recipe, quantized)
-    print(f"{len(bits)} layers quantized with {','.join(recipe.methods)} ({recipe.activations} activations); "
-          f"average bits (BOPs) {average_bits(bits, model):.2f}; run in {args.out}/ (use --quant {args.out}); "
-          + describe_peak_memory())
+    print(f"{len(bits)} layers quantized with {','.join(recipe.methods)} ({recipe.activations} activations, "
+          f"{recipe.dtype}); average bits (BOPs) {average_bits(bits, quantized):.2f}; run in {args.out}/ "
+          f"(use --quant {args.out}); " + describe_peak_memory())
     return 0
 
 
@@ -289,7 +301,7 @@ def cmd_finetune(args):
         raise ValueError(f"{args.quant} is an export (packed or torchao), not a run: fine-tune the run folder it "
                          "was exported from")
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
-    teacher = load(recipe.model)
+    teacher = load(recipe.model, recipe.dtype)
     if is_pipeline_model(teacher):  # a text-to-image family learns on the inputs its pipeline recorded
         if config.label_dropout != FinetuneConfig.label_dropout:
             raise ValueError(f"--label-dropout drops class labels; {type(teacher).__name__} is conditioned on text "
@@ -310,9 +322,10 @@ def cmd_export(args):
     if args.format == "packed" and args.activation_bits != "run":
         raise ValueError("--activation-bits is the torchao export's; the packed export keeps the run's bits")
     family = _family_of_run(args.quant)
-    if family:
-        raise ValueError(f"{args.quant} is a {family} run: the {args.format} export holds our DiT only; a family's run "
-                         "folder deploys as it is (treeq.load_run, or diffusers' from_pretrained with TreeQConfig)")
+    if family and args.format == "packed":
+        raise ValueError(f"{args.quant} is a {family} run: the packed export holds our DiT only; export it with "
+                         "--format torchao, or deploy the run folder as it is (treeq.load_run, or diffusers' "
+                         "from_pretrained with TreeQConfig)")
     _one_export_per_folder(args)
     model = load_quantized(args.quant)
     if args.format == "torchao":
@@ -364,6 +377,9 @@ _BENCHES = {
     "ptq": ("ptq", "bench_ptq", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                            **_settings(a, "settings")}),
     "recipes": ("ptq", "bench_output_error", lambda a: {}),
+    "memory-plan": ("memory_plan", "bench_memory_plan", lambda a: _settings(a, "settings")),
+    "block-inputs": ("ptq", "bench_block_inputs", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
+                                                             **_settings(a, "settings")}),
     "search": ("search", "bench_search", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                                     "model": a.model or "default", **_settings(a, "targets"),
                                                     **({"methods": tuple(a.methods.split(","))} if a.methods else {})}),
@@ -425,13 +441,16 @@ def cmd_search(args):
                         evaluations=args.evaluations, seed=args.seed, resume=args.resume, log=args.log, cost=args.cost,
                         device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp,
                         budget_window=None if args.budget_window < 0 else args.budget_window,
-                        refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds, floor=args.floor)
+                        refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds, floor=args.floor,
+                        max_cost=args.max_cost)
     print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
 
 
 def _add_search(sub):
+    from .search.estimate import MAX_COST
+
     search = sub.add_parser("search", help="mixed-precision search (TreeQ tree search or a baseline) -> bits.json")
     search.add_argument("--model", default="default")
     search.add_argument("--target", default="W4A4", help="W4A4, W3A3 or average bits, e.g. 3.5")
@@ -478,6 +497,9 @@ def _add_search(sub):
     search.add_argument("--seed-ilp", action="store_true",
                         help="tss: run the integer program first and keep its configuration in every node's queue "
                              "(the tree then ends at or below its metric)")
+    search.add_argument("--max-cost", type=MAX_COST, default=None, metavar="N",
+                        help="tss: refuse, before quantizing and scoring, a search that costs more than N image "
+                             "equivalents (block-row runs over those of sampling one image; printed first)")
     search.add_argument("--seed", type=SEED, default=0)
     search.add_argument("--resume", action="store_true", help="continue from the state file beside --out")
     search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")
@@ -524,13 +546,26 @@ def _add_sampling(parser, num_samples, samples_help=None):
     parser.add_argument("--sampler", choices=("dpm++", "ddim", "ddpm", "pipeline"), default=None,
                         help="default: the model's (testbed dpm++, official DiT ddpm, a pipeline its scheduler)")
     parser.add_argument("--scheduler", help="a diffusers scheduler_config.json to sample with (sets --sampler pipeline)")
-    parser.add_argument("--steps", type=STEPS, default=None)
+    parser.add_argument("--steps", "--num-inference-steps", dest="steps", type=STEPS, default=None)
     parser.add_argument("--cfg-scale", type=CFG, default=None)
     parser.add_argument("--guidance-channels", type=COUNT, default=None,
                         help="guide only the first N output channels (3 reproduces the official DiT sampler)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="the model's and the VAE's (auto: the checkpoint's own; a run samples in its own)")
+    _add_sizes(parser)
     parser.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
                         help="clip samples to [-1, 1] at every step (default: the model's)")
     _add_prompts(parser)
+
+
+def _add_sizes(parser):
+    """Sampling size flags of a text-to-image family (checked against its VAE and patch before it loads)."""
+    for flag, dest in (("--height", "height"), ("--width", "width"), ("--frames", "num_frames"),
+                       ("--max-sequence-length", "max_sequence_length")):
+        parser.add_argument(flag, dest=dest, type=COUNT, default=None,
+                            help="text-to-image families: " + {"num_frames": "frames of a video (Wan)",
+                                                                "max_sequence_length": "text tokens per prompt"}
+                            .get(dest, f"sample {dest} in pixels") + " (default: the folder's treeq.json)")
 
 
 def _add_prompts(parser):
@@ -575,8 +610,6 @@ def build_parser():
     sample.add_argument("--vae", help="diffusers AutoencoderKL folder to decode latents (default: the pipeline's)")
     sample.add_argument("--classes", help="comma-separated class ids or id2label names to cycle (default: all, balanced)")
     sample.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda or cuda:N")
-    sample.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="of the full-precision model and the VAE")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_overwrite(sample)
     sample.set_defaults(func=cmd_sample, output_kind="samples", inputs=("model", "quant", "vae"),
@@ -621,8 +654,10 @@ def build_parser():
 
     quant = sub.add_parser("quantize", help="quantize a model by a recipe; the run folder holds its whole state")
     add_recipe_arguments(quant)
-    for flag, kind in (("--sampler", None), ("--steps", STEPS), ("--cfg-scale", CFG), ("--guidance-channels", COUNT)):
-        quant.add_argument(flag, type=kind, default=None, help="sampling setting of the calibration trajectories")
+    for flags, kind in ((("--sampler",), None), (("--steps", "--num-inference-steps"), STEPS), (("--cfg-scale",), CFG),
+                        (("--guidance-channels",), COUNT)):
+        quant.add_argument(*flags, type=kind, default=None, help="sampling setting of the calibration trajectories")
+    _add_sizes(quant)
     quant.add_argument("--device", default="cuda" if _cuda() else "cpu",
                        help="cpu, cuda or cuda:N: where calibration and the methods run")
     _add_prompts(quant)
@@ -635,6 +670,10 @@ def build_parser():
     quant.add_argument("--queue-size", type=COUNT, default=16, help="with --target: the tree search's queue size")
     quant.add_argument("--seed-ilp", action="store_true",
                        help="with --target: seed the tree search with the integer program's configuration")
+    from .search.estimate import MAX_COST
+    quant.add_argument("--max-cost", type=MAX_COST, default=None, metavar="N",
+                       help="with --target: refuse, before quantizing, a tree search that costs more than N image "
+                            "equivalents (the cost it prints first)")
     quant.add_argument("--out", required=True)
     _add_overwrite(quant)
     _add_cache_dir(quant)
@@ -707,6 +746,10 @@ def _check_before_work(args):
     if getattr(args, "prompts", None):
         _prompts(args)  # missing, empty or unreadable: refused before loading
     _check_sample_count(args)
+    _check_sizes(args)
+    if getattr(args, "dtype", "auto") != "auto" and getattr(args, "device", None):
+        from .models.dtype import check_device_dtype
+        check_device_dtype(args.dtype, args.device)
     if args.command == "sample" and args.quant and args.model != "default":
         raise ValueError("sample --quant runs the model its run folder names; --model does not apply (give one "
                          "of them)")
@@ -714,6 +757,22 @@ def _check_before_work(args):
         from .io import check_output
         check_output(args.out, args.output_kind, [getattr(args, name, None) for name in args.inputs],
                      overwrite=args.overwrite)
+
+
+def _check_sizes(args):
+    """--height, --width, --frames and --max-sequence-length against the family folder's VAE and patch (its
+    JSON only): for --quant, the folder its run was made from."""
+    sizes = {key: getattr(args, key, None) for key in SIZE_KEYS}
+    if not any(value is not None for value in sizes.values()):
+        return
+    from .models.sizes import check_sizes
+    model = getattr(args, "model", None)
+    if getattr(args, "quant", None):
+        try:
+            model = json.loads((Path(args.quant) / "config.json").read_text())["recipe"]["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"--quant {args.quant}: no run folder (config.json) to read its model's sizes from") from None
+    check_sizes(model, sizes)
 
 
 def _check_sample_count(args):

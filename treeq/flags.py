@@ -128,3 +128,7 @@ def flags_table(parser):
         default = "-" if action.default is None else f"{action.default}"
         lines.append(f"| `{action.option_strings[0]}` | {action.type.describe()} | {default} |")
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+# A run's floating-point type: "auto" keeps the checkpoint's own (models/dtype.py reads it from the file).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)

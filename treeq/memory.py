@@ -179,3 +179,55 @@ def projected_peaks(shapes, other_bytes, *, code_widths=1, gptq=False, cache_deq
     for parts in phases.values():
         parts["total"] = sum(parts.values())
     return phases
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan `treeq quantize` prints before its work: the tensors it will hold at once, by phase.
+
+def quantize_plan(model, config, recipe, rows):
+    """{phase: {part: bytes, ..., "total": bytes}} of `treeq quantize` on the loaded `model` (weights in the
+    run's dtype), quantizing `config` in place with `recipe`, calibrated on `rows` rows (one sample each).
+
+    Device (where the model runs): weights, every parameter and buffer as loaded (one copy: the quantized
+    layers share them); codes, int8 GPTQ codes, one byte per weight entry and prepared width (round-to-
+    nearest makes none while quantizing); and what calibrating one block holds (`fit_block_by_block`): the
+    float32 Hessians of its linears (4 in^2 each) and one batch's block input, output and largest
+    activation. Host: every row's block inputs and outputs (2 x rows x tokens x width, in the dtype), and on
+    saving one shard of the state as safetensors serialises it (state_files.SHARD_BYTES at most). On a CPU
+    run device and host are one memory. The Python runtime, the pipeline's other components (text
+    encoders, VAE) and the calibration set itself come on top."""
+    from .models.adapters import adapter_for
+    from .ptq.apply import prepared_bits
+    from .ptq.state_files import SHARD_BYTES
+
+    element = next(model.parameters()).element_size()
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    layers = {name: model.get_submodule(name) for name in config}
+    gptq = "gptq" in recipe.methods
+    codes = sum(len(prepared_bits(config[name], recipe, 0)) * layers[name].weight.numel()
+                for name in layers) if gptq else 0
+    adapter = adapter_for(model)
+    tokens = adapter.layer_rows(model)
+    hessians, activation = {}, 0
+    for name, block in adapter.block_of(model).items():
+        if name in layers:
+            hessians[block] = hessians.get(block, 0) + (4 * layers[name].in_features ** 2 if gptq else 0)
+            activation = max(activation, tokens[name] * max(layers[name].in_features, layers[name].out_features))
+    widths = [layer.in_features for layer in layers.values()]
+    state = max(tokens.values()) * max(set(widths), key=widths.count) * element  # one row's: the hidden width
+    batch = min(rows, recipe.batch_size)
+    device = {"weights": weights, "codes": codes, "hessians": max(hessians.values(), default=0),
+              "batch": batch * (2 * state + activation * element)}
+    phases = {"quantize (device)": device, "quantize (host)": {"block_states": 2 * rows * state},
+              "save (host)": {"weights": weights, "codes": codes, "shard": min(SHARD_BYTES, weights + codes)}}
+    for parts in phases.values():
+        parts["total"] = sum(parts.values())
+    return phases
+
+
+def describe_plan(phases):
+    """One line: each phase's total and its parts, in GB (1e9 bytes), or MB for a model under 1 GB."""
+    unit, scale = ("GB", 1e9) if max(parts["total"] for parts in phases.values()) >= 1e9 else ("MB", 1e6)
+    return "; ".join(f"{phase} {parts['total'] / scale:.2f} {unit} (" + ", ".join(
+        f"{part} {size / scale:.2f}" for part, size in parts.items() if part != "total" and size) + ")"
+        for phase, parts in phases.items())

@@ -21,21 +21,9 @@ from .io import atomic_write
 RECORD = "sampling.json"  # the run's settings; a resumed run must match them
 PARTS = "parts"           # parts/<first index>.npz: images (uint8 NHWC) and labels of one batch
 SAMPLES = "samples.npz"   # arr_0: uint8 NHWC images, arr_1: labels (as ADM's image_sample.py writes)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def prepare_model(model, device, dtype="float32", quantized=False):
-    """`model` moved to `device`; a full-precision model also cast to `dtype`. A quantized model keeps
-    its float32 parts: its quantizers and integer kernels define their own arithmetic."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    model = model.to(device)
-    return model if quantized else model.to(DTYPES[dtype])
-
-
-def latent_decoder(model, vae_path, device, dtype="float32"):
-    """(VAE or None, its path): `vae_path`, else the VAE the model's pipeline folder brought. A model
-    that samples latents without one is an error; pixel-space models need none."""
+def latent_decoder(model, vae_path, device):
+    """(VAE or None, its path): `vae_path`, else the VAE the model's pipeline folder brought, in the model's
+    dtype. A model that samples latents without one is an error; pixel-space models need none."""
     from .diffusion.vae import load_vae
 
     vae_path = vae_path or getattr(model, "source", {}).get("vae")
@@ -45,7 +33,7 @@ def latent_decoder(model, vae_path, device, dtype="float32"):
                              "(a diffusers AutoencoderKL such as stabilityai/sd-vae-ft-ema) to decode them")
         return None, None
     # nn.Module.to: diffusers' own `to` warns about dtype casts that this plain VAE does not need
-    vae = torch.nn.Module.to(load_vae(vae_path), device=device, dtype=DTYPES[dtype])
+    vae = torch.nn.Module.to(load_vae(vae_path), device=device, dtype=next(model.parameters()).dtype)
     if vae.config.latent_channels != model.config.in_channels:
         raise ValueError(f"the VAE at {vae_path} has {vae.config.latent_channels} latent channels, "
                          f"the model samples {model.config.in_channels}")

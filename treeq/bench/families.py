@@ -26,13 +26,14 @@ tiny     The test-size pipelines: uniform W4A4 (hadamard,gptq + dynamic-asym) ag
          say little about quality.
 
 Rows are long-format: {family, part, quantity, value, unit, basis, note}; basis is measured, counted,
-projected, or "measured per block" (one block built at real shapes, not the whole model).
+projected, or "measured per block" (one block built at real shapes, not the whole model). This module only
+reports: the shapes, meta and reduced models and their inputs are models/shapes.py's, the timing and the
+simulated search search/estimate.py's (what `treeq search` estimates with, no benchmark imported).
 """
 import contextlib
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,9 @@ from pathlib import Path
 import torch
 
 from ..models.families import FAMILIES
+from ..models.shapes import (REDUCED, meta_transformer, reduced_transformer, sampling_settings, synthetic_inputs,
+                             token_counts, transformer_config)
+from ..search.estimate import project_search, wall_seconds
 
 PARTS = ("blocks", "quantize", "tiny")
 # hadamard,rtn: the forward of the search's recipe (hadamard,gptq + dynamic-asym) with codes needing no calibration
@@ -55,15 +59,6 @@ READOUT_BLOCKS = 1      # its default readout
 MALLOC_MMAP_THRESHOLD = 2 ** 20  # bytes: glibc's, in the quantize subprocess (see quantize_subprocess)
 # Whose float32 transformer fits in this machine's memory (24 GiB): FLUX.1's 48 GB does not.
 FITS_IN_MEMORY = ("pixart", "sd3", "sana", "wan")
-# One block of each kind: the config overrides of a reduced-depth model at real width, and which of its
-# blocks stands for block b of the published model (depth blocks).
-REDUCED = {
-    "pixart": ({"num_layers": 1}, lambda b, depth: 0),
-    "sd3": ({"num_layers": 2}, lambda b, depth: 1 if b == depth - 1 else 0),  # the last: context_pre_only
-    "flux": ({"num_layers": 1, "num_single_layers": 1}, lambda b, depth: 0 if b < 19 else 1),
-    "sana": ({"num_layers": 1}, lambda b, depth: 0),
-    "wan": ({"num_layers": 1}, lambda b, depth: 0),
-}
 KIND_NAMES = {"pixart": ("block",), "sd3": ("joint block", "last joint block (context_pre_only)"),
               "flux": ("double-stream block", "single-stream block"), "sana": ("block",), "wan": ("block",)}
 
@@ -105,48 +100,7 @@ def _row(family, part, quantity, value, unit="", basis="measured", note=""):
             "note": note}
 
 
-# --- structure and inputs at real shapes -----------------------------------------------------------------
-
-def transformer_config(name, size="full", reduced=False):
-    family = FAMILIES[name]
-    config = dict(family.tiny if size == "tiny" else family.full)
-    if reduced:
-        config.update(REDUCED[name][0])
-    return config
-
-
-def vae_config(name, size="full"):
-    family = FAMILIES[name]
-    return family.full_vae or family.vae if size == "full" else family.vae
-
-
-def sampling_settings(name, size="full"):
-    family = FAMILIES[name]
-    return family.full_sampling if size == "full" else family.sampling
-
-
-def token_counts(name, size="full"):
-    """{image_tokens, text_tokens} per sample at the family's resolution: what `treeq init --size` records."""
-    import diffusers
-
-    from ..models.family_load import _token_counts
-
-    family = FAMILIES[name]
-    with tempfile.TemporaryDirectory() as folder, torch.device("meta"):
-        transformer = getattr(diffusers, family.transformer)(**transformer_config(name, size, reduced=True))
-        getattr(diffusers, family.vae_class)(**vae_config(name, size)).save_config(Path(folder) / "vae")
-        return _token_counts(transformer, Path(folder), sampling_settings(name, size))
-
-
-def meta_transformer(name, size="full", reduced=False):
-    """The family's transformer on the meta device (shapes, no memory), its token counts in `source`."""
-    import diffusers
-
-    with torch.device("meta"):
-        model = getattr(diffusers, FAMILIES[name].transformer)(**transformer_config(name, size, reduced))
-    model.source = token_counts(name, size)
-    return model
-
+# --- structure at real shapes (models/shapes.py builds them) -----------------------------------------------
 
 def structure_rows(name):
     from ..bits import quantizable_layers
@@ -172,80 +126,7 @@ def _resolution(settings):
     return f"{frames}{settings['height']}x{settings['width']}"
 
 
-def reduced_transformer(name, size="full", seed=0):
-    """One block of each kind at the real width (REDUCED), random weights, in eval mode."""
-    import diffusers
-
-    from ..models.families import _randomize_zero_init
-
-    torch.manual_seed(seed)
-    model = getattr(diffusers, FAMILIES[name].transformer)(**transformer_config(name, size, reduced=True))
-    _randomize_zero_init(model)
-    model.source = token_counts(name, size)
-    return model.eval()
-
-
-def synthetic_inputs(name, model, rows, size="full", seed=0):
-    """Keyword inputs of the transformer's forward for `rows` samples at the family's resolution: random
-    latents and text features of the shapes its pipeline would pass (timestep mid-schedule)."""
-    generator = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
-    config, settings = model.config, sampling_settings(name, size)
-    scale = _vae_scale(name, size)
-    height, width = settings["height"] // scale, settings["width"] // scale
-    text = model.source["text_tokens"]
-    timestep = torch.full((rows,), 500.0)
-    if name == "pixart":
-        return {"hidden_states": randn(rows, config.in_channels, height, width),
-                "encoder_hidden_states": randn(rows, text, config.caption_channels), "timestep": timestep,
-                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
-    if name == "sd3":
-        return {"hidden_states": randn(rows, config.in_channels, height, width),
-                "encoder_hidden_states": randn(rows, text, config.joint_attention_dim),
-                "pooled_projections": randn(rows, config.pooled_projection_dim), "timestep": timestep}
-    if name == "flux":  # latents packed 2x2 into tokens; position ids without a batch dimension
-        h, w = height // 2, width // 2
-        image_ids = torch.zeros(h, w, 3)
-        image_ids[..., 1] += torch.arange(h)[:, None]
-        image_ids[..., 2] += torch.arange(w)[None, :]
-        return {"hidden_states": randn(rows, h * w, config.in_channels),
-                "encoder_hidden_states": randn(rows, text, config.joint_attention_dim),
-                "pooled_projections": randn(rows, config.pooled_projection_dim), "timestep": timestep / 1000,
-                "img_ids": image_ids.reshape(h * w, 3), "txt_ids": torch.zeros(text, 3), "guidance": None}
-    if name == "sana":
-        return {"hidden_states": randn(rows, config.in_channels, height, width),
-                "encoder_hidden_states": randn(rows, text, config.caption_channels), "timestep": timestep}
-    if name == "wan":
-        frames = (settings["num_frames"] - 1) // 4 + 1
-        return {"hidden_states": randn(rows, config.in_channels, frames, height, width),
-                "encoder_hidden_states": randn(rows, text, config.text_dim), "timestep": timestep}
-    raise ValueError(f"unknown family {name!r}")
-
-
-def _vae_scale(name, size):
-    config = vae_config(name, size)
-    if name == "wan":  # AutoencoderKLWan halves per stage after the first (8x at four)
-        return 2 ** (len(config.get("dim_mult", (1, 2, 4, 4))) - 1)
-    stages = config.get("encoder_block_out_channels") or config.get("block_out_channels")
-    return 2 ** (len(stages) - 1)
-
-
 # --- block times ----------------------------------------------------------------------------------------
-
-def _seconds(fn):
-    """One call's wall seconds; calls under a second are repeated and the median of three more kept."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    if first >= 1.0:
-        return first
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def time_blocks(name, size="full", *, max_seconds=40.0, seed=0, target_rows=SEARCH_ROWS, rows_tried=(16, 4)):
     """Rows of one block of each kind: forward seconds at 1 row and at `target_rows` (measured when the
@@ -280,10 +161,10 @@ def time_blocks(name, size="full", *, max_seconds=40.0, seed=0, target_rows=SEAR
             run = lambda rows: adapter.run_blocks(model, state(rows), kind, kind + 1)  # noqa: E731
             measured = {}
             with torch.no_grad():
-                measured[1] = _seconds(lambda: run(1))
+                measured[1] = wall_seconds(lambda: run(1))
                 for rows in sorted(rows_tried, reverse=True):
                     if rows > 1 and measured[1] * rows <= max_seconds:
-                        measured[rows] = _seconds(lambda: run(rows))
+                        measured[rows] = wall_seconds(lambda: run(rows))
                         break
             note = (f"{kind_name}; {counts['image_tokens']}+{counts['text_tokens']} tokens/row; {threads_note()}"
                     + ("; hadamard,rtn codes (forward as hadamard,gptq), dynamic-asym" if setting == "W4A4" else ""))
@@ -309,78 +190,6 @@ def block_seconds(rows, setting="W4A4", target_rows=SEARCH_ROWS):
 
 
 # --- the projected search -----------------------------------------------------------------------------
-
-class BlockRunCounter:
-    """A scorer that counts the block-runs objective.ModelObjective would make, without running a model.
-
-    Per score() call: the first candidate runs from the segment's first block to `stop` (one block past the
-    segment's last with readout_blocks=1, at most the depth); each next one resumes at the block of its first
-    layer differing from the previous candidate. `runs[b]` counts block b's runs; `heads` the readouts
-    through the model's head (stop == depth). Setup (FP reference pass, cached environment states: about
-    2 x depth block-runs) is not counted. Metrics: those of `scorer` when given, else seeded random ones.
-    """
-
-    def __init__(self, block_of, depth, readout_blocks=READOUT_BLOCKS, scorer=None, seed=0):
-        self.block_of, self.depth, self.readout_blocks = list(block_of), depth, readout_blocks
-        self.scorer = scorer
-        self.generator = torch.Generator().manual_seed(seed)
-        self.runs = [0] * depth
-        self.heads = self.evaluations = 0
-
-    @property
-    def block_runs(self):
-        return sum(self.runs)
-
-    def score(self, start, end, assignments):
-        first, last = self.block_of[start], self.block_of[end - 1]
-        stop = self.depth if self.readout_blocks is None else min(self.depth, last + 1 + self.readout_blocks)
-        previous = None
-        for assignment in assignments:
-            resume = first
-            if previous is not None:
-                differ = next((i for i, (a, b) in enumerate(zip(assignment, previous)) if a != b), None)
-                resume = stop if differ is None else self.block_of[start + differ]
-            for block in range(resume, stop):
-                self.runs[block] += 1
-            self.heads += stop == self.depth
-            previous = tuple(assignment)
-        self.evaluations += len(assignments)
-        if self.scorer is not None:
-            return self.scorer.score(start, end, assignments)
-        return torch.rand(len(assignments), generator=self.generator).tolist()
-
-
-def simulate_search(model, target="W4A4", queue_size=QUEUE_SIZE, readout_blocks=READOUT_BLOCKS, seed=0):
-    """(expected_evaluations, BlockRunCounter after a tree search with random metrics) on `model`'s layers
-    (a meta-device model serves: only names, shapes and token counts are read)."""
-    from ..models.adapters import adapter_for
-    from ..search.cost import cost_model, parse_target
-    from ..search.space import DEFAULT_CANDIDATES, SearchSpace
-    from ..search.tree import expected_evaluations, tree_search
-
-    adapter = adapter_for(model)
-    layers = adapter.layers(model)
-    space = SearchSpace.build(layers, DEFAULT_CANDIDATES[parse_target(target)])
-    block_of = adapter.block_of(model)
-    counter = BlockRunCounter([block_of[name] for name in layers], len(adapter.block_names(model)),
-                              readout_blocks, seed=seed)
-    tree_search(counter, space, cost_model(model), target, queue_size=queue_size, progress=False)
-    return expected_evaluations(space, queue_size), counter
-
-
-def project_search(model, kind_of, seconds, queue_size=QUEUE_SIZE, seed=0):
-    """{expected_evaluations, simulated_evaluations, block_runs_per_evaluation, block_seconds (run-weighted
-    over the kinds), evaluation_seconds, search_seconds}: search_seconds = expected_evaluations x
-    block_runs_per_evaluation x block_seconds. kind_of(b, depth) -> kind index; seconds: {kind: s}."""
-    expected, counter = simulate_search(model, queue_size=queue_size, seed=seed)
-    depth = len(counter.runs)
-    weighted = sum(runs * seconds[kind_of(b, depth)] for b, runs in enumerate(counter.runs)) / counter.block_runs
-    per_evaluation = counter.block_runs / counter.evaluations
-    return {"expected_evaluations": expected, "simulated_evaluations": counter.evaluations,
-            "block_runs_per_evaluation": per_evaluation, "block_seconds": weighted,
-            "evaluation_seconds": per_evaluation * weighted,
-            "search_seconds": expected * per_evaluation * weighted}
-
 
 def search_projection_rows(name, seconds, queue_size=QUEUE_SIZE, seed=0):
     model = meta_transformer(name)

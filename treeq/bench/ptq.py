@@ -12,8 +12,9 @@ from ..bits import preset_config
 from ..experiment import generate, measure
 from ..models.load import load
 from ..ptq.apply import quantize
-from ..ptq.calibration import load_or_collect, spread_rows
+from ..ptq.calibration import collect_calibration, load_or_collect, spread_rows
 from ..ptq.recipe import Recipe
+from ..quant.statistics import BLOCK_INPUTS
 
 SETTINGS = ("W8A8", "W4A8", "W4A4", "W3A3")
 # (methods, activation quantizer) of each row
@@ -77,4 +78,29 @@ def bench_output_error(settings=("W4A4", "W3A3"), baselines=BASELINES, rows=64):
             with torch.no_grad():
                 error = ((quantized(*inputs) - reference).norm() / reference.norm()).item()
             out.append({"setting": setting, "method": methods, "activations": activations, "output_error": error})
+    return out
+
+
+def bench_block_inputs(num_samples=100, seed=0, settings=("W4A4", "W3A3"), models=("default", "deep"),
+                       methods="hadamard,gptq", rows=64):
+    """Rows {model, setting, block_inputs, output_error, psnr_vs_fp}: where block-by-block GPTQ takes a
+    block's inputs (the full-precision model's, or the blocks before it already quantized), on both
+    testbeds, same calibration, seeds and held-out rows (the states the calibration did not record)."""
+    out = []
+    for name in models:
+        model = load(name)
+        calibration = load_or_collect(model, **Recipe().calibration_options())
+        held_out = spread_rows(collect_calibration(model, num_images=8, num_timesteps=8, seed=seed + 1), rows)
+        fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
+        with torch.no_grad():
+            reference = model(*held_out)
+        for setting in settings:
+            for inputs in BLOCK_INPUTS:
+                recipe = baseline_recipe(methods, "dynamic-asym", block_inputs=inputs)
+                quantized = quantize(model, preset_config(model, setting), recipe, calibration=calibration)
+                with torch.no_grad():
+                    error = ((quantized(*held_out) - reference).norm() / reference.norm()).item()
+                images, _, _ = generate(quantized, num_samples, seed, progress=False)
+                out.append({"model": name, "setting": setting, "block_inputs": inputs, "output_error": error,
+                            "psnr_vs_fp": measure(images, labels, fp_images)["psnr_vs_fp"]})
     return out

@@ -35,12 +35,12 @@ from diffusers.models.model_loading_utils import load_state_dict as load_checkpo
 from diffusers.quantizers import auto as _auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from ..bits import validate_config
+from ..models.dtype import torch_dtype as torch_dtype_of
 from ..ptq.apply import quantized_structure, set_bits_
 from ..ptq.recipe import Recipe
+from ..ptq.state_files import read_state, state_shapes
 
 QUANT_METHOD = "treeq"
 # State a QuantLinear holds beside a linear's weight and bias (in a saved TreeQ model, not in the FP model).
@@ -83,9 +83,6 @@ class TreeQConfig(QuantizationConfigMixin):
         return (f"TreeQConfig(run={self.run!r}, {len(self.bits)} quantized layers, "
                 f"methods={','.join(self.recipe.get('methods', ())) or 'none'})")
 
-    def state_file(self):
-        return Path(self.run) / "state.safetensors"
-
 
 class TreeQQuantizer(DiffusersQuantizer):
     """Loads a TreeQ run into the diffusers transformer being built (see the module docstring for the order)."""
@@ -102,10 +99,13 @@ class TreeQQuantizer(DiffusersQuantizer):
             raise ValueError("TreeQ loads the transformer whole onto one device; give device_map=None or one device")
 
     def update_torch_dtype(self, torch_dtype):
-        if torch_dtype not in (None, torch.float32):
-            raise ValueError(f"a TreeQ run holds float32 state; load it with torch_dtype=None or torch.float32, "
+        """The run's own dtype: its state is loaded as saved, never cast (a cast would change its codes' scales)."""
+        name = self.quantization_config.recipe.get("dtype", "float32")
+        run_dtype = torch_dtype_of(name if name != "auto" else "float32")
+        if torch_dtype not in (None, run_dtype):
+            raise ValueError(f"this TreeQ run holds {name} state; load it with torch_dtype=None or {run_dtype}, "
                              f"not {torch_dtype}")
-        return torch.float32
+        return run_dtype
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         """Remember the checkpoint (a saved TreeQ model's state is read from it after loading); its
@@ -126,7 +126,7 @@ class TreeQQuantizer(DiffusersQuantizer):
             raise ValueError(f"TreeQ run {config.run or ''} does not fit this {name}: "
                              f"{str(error).splitlines()[0]}") from None
         if not self.pre_quantized:
-            _check_shapes(config.state_file(), model, config.run)
+            _check_shapes(model, config.run)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -138,7 +138,7 @@ class TreeQQuantizer(DiffusersQuantizer):
             for path in self.checkpoint_files or []:
                 state.update(load_checkpoint(path, map_location=str(device)))
         else:
-            state = _read_state(config.state_file(), device)
+            state = read_state(config.run, device)
         # diffusers leaves tensors at unaligned offsets of the storage it loaded; load_run's deep copy
         # reallocates them, and CPU GEMMs round differently on unaligned memory: reallocate alike.
         model._apply(torch.clone)
@@ -200,15 +200,9 @@ def _read_run(folder):
     return load_config(folder / "bits.json"), recipe
 
 
-def _check_shapes(path, model, run):
-    """Every tensor of the FP model must be in the run's state at the same shape (read off the file's header)."""
-    if not path.exists():
-        raise ValueError(f"no such file: {path} (the run folder is incomplete: quantize again)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (a handle, not a dict)
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]})") from None
+def _check_shapes(model, run):
+    """Every tensor of the FP model must be in the run's state at the same shape (read off the files' headers)."""
+    shapes = state_shapes(run)
     name = type(model).__name__
     for key, tensor in model.state_dict().items():
         if key not in shapes:
@@ -217,13 +211,6 @@ def _check_shapes(path, model, run):
         if shapes[key] != tuple(tensor.shape):
             raise ValueError(f"TreeQ run {run} does not fit this {name}: {key} is {shapes[key]} in the run, "
                              f"{tuple(tensor.shape)} in the model (a run of another size?)")
-
-
-def _read_state(path, device):
-    try:
-        return load_file(str(path), device=str(device))
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]})") from None
 
 
 register_with_diffusers()

@@ -229,18 +229,19 @@ def to_torchao_(model, activation_bits="run"):
 
 
 def export_torchao(model, path, activation_bits="run"):
-    """Write the torchao export of a quantized DiT (QuantLinear layers, e.g. a run folder's model) to `path`."""
-    if not isinstance(getattr(model, "config", None), DiTConfig):
-        raise ValueError(f"the torchao export holds our DiT only, not a {type(model).__name__}")
+    """Write the torchao export of a quantized transformer (QuantLinear layers, e.g. a run folder's model: our
+    DiT or a diffusers family's transformer, which is rebuilt from its class and config) to `path`."""
     layers = {name: _describe_layer(name, module, activation_bits) for name, module in model.named_modules()
               if isinstance(module, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized linears: export a run written by `treeq quantize`")
     converted = to_torchao_(copy.deepcopy(model), activation_bits)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-            "activation_bits": activation_bits, "layers": layers, "sampling": sampling_defaults(model),
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": _config(model),
+            "transformer_class": type(model).__name__, "activation_bits": activation_bits, "layers": layers, "sampling": sampling_defaults(model),
             "bits": {name: {"w_bits": layer["w_bits"], "a_bits": layer["a_bits"]} for name, layer in layers.items()},
             "source": getattr(model, "source", None)}
+    if not isinstance(model.config, DiTConfig):  # a family samples by its folder's settings (model.sampling)
+        meta["sampling"] = dict(getattr(model, "sampling", {}))
     _write(Path(path), {key: value.detach().cpu() for key, value in converted.state_dict().items()}, meta)
     return converted
 
@@ -282,13 +283,33 @@ def load_torchao(path):
     if len(data) != meta["state_bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"{weights_path} does not match the checksum its export recorded: truncated or corrupt")
     state = torch.load(io.BytesIO(data), weights_only=True)
-    try:
-        model = DiT(DiTConfig(**meta["model"]))
-    except TypeError as error:
-        raise CheckpointError(f"{meta_path} holds no valid DiT config: {error}") from None
+    model = _structure(meta, meta_path)
     for name, layer in meta["layers"].items():
         _install(model, name, layer, meta_path)
-    return restore_origin_(load_state_strict(model, state, weights_path, assign=True).eval(), meta)
+    model = load_state_strict(model, state, weights_path, assign=True).eval()
+    if isinstance(model, DiT):
+        return restore_origin_(model, meta)
+    model.source, model.sampling = meta["source"], meta["sampling"]
+    return model
+
+
+def _config(model):
+    """The model's config as JSON: our DiTConfig, or a diffusers transformer's (its private keys dropped)."""
+    if isinstance(model.config, DiTConfig):
+        return model.config.to_dict()
+    return {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
+
+
+def _structure(meta, meta_path):
+    """The empty transformer an export's state loads into: our DiT, or the family's class from its config."""
+    name = meta.get("transformer_class", "DiT")
+    try:
+        if name == "DiT":
+            return DiT(DiTConfig(**meta["model"]))
+        import diffusers
+        return getattr(diffusers, name).from_config(meta["model"])
+    except (TypeError, AttributeError, ValueError) as error:
+        raise CheckpointError(f"{meta_path} holds no valid {name} config: {error}") from None
 
 
 def _read_meta(meta_path):

@@ -61,7 +61,9 @@ def load_pipeline(transformer):
     # (Wan: transformer, transformer_2) DiffusionPipeline.from_pretrained loads it from disk over the one given
     name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
     pipeline_class = getattr(diffusers, name, None) if name else None
-    pipeline = (pipeline_class or diffusers.DiffusionPipeline).from_pretrained(folder, transformer=transformer)
+    dtype = next(transformer.parameters()).dtype  # text encoders and VAE in the transformer's dtype, as diffusers runs them
+    pipeline = (pipeline_class or diffusers.DiffusionPipeline).from_pretrained(folder, transformer=transformer,
+                                                                               dtype=dtype)
     if pipeline.transformer is not transformer:
         raise RuntimeError(f"{type(pipeline).__name__} loaded its own transformer from {folder} instead of the "
                            "one given")

@@ -255,8 +255,9 @@ class DiT(nn.Module):
 
     def embed(self, x, t, y, force_drop_ids=None):
         """Inputs to (tokens, conditioning): what block 0 receives. The conditioning is (N, D), or
-        (N, depth, D) with per-block embedders (row i for block i)."""
-        tokens = self.x_embedder(x) + self.pos_embed
+        (N, depth, D) with per-block embedders (row i for block i). x is cast to the model's dtype: samplers
+        and calibration sets keep latents in float32."""
+        tokens = self.x_embedder(x.to(self.pos_embed.dtype)) + self.pos_embed
         if not self.config.per_block_embedders:
             return tokens, self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         if (self.training and self.y_embedder.dropout_prob > 0) or force_drop_ids is not None:

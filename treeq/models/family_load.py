@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .adapters import ADAPTERS
 from .families import FAMILIES, read_settings
+from .sizes import SIZE_KEYS, vae_scale
 
 # A component's config file: models (config.json), schedulers, tokenizers, processors
 CONFIG_NAMES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json",
@@ -45,8 +46,11 @@ def family_of(path):
     return next((family for family, f in FAMILIES.items() if f.transformer == name), None)
 
 
-def load_family_transformer(folder, class_name):
-    """The diffusers transformer `class_name` from `folder` (pipeline or transformer folder), in eval mode."""
+def load_family_transformer(folder, class_name, dtype=None):
+    """The diffusers transformer `class_name` from `folder` (pipeline or transformer folder), in eval mode,
+    read straight into `dtype` (None or "auto": the dtype its files hold; never a float32 copy first)."""
+    from .dtype import resolve_dtype, torch_dtype
+
     import diffusers
 
     if class_name not in ADAPTERS or not hasattr(diffusers, class_name):
@@ -60,7 +64,8 @@ def load_family_transformer(folder, class_name):
     settings = read_settings(pipeline_folder) if pipeline_folder else {}  # a broken one is refused before loading
     weights = folder / "transformer" if pipeline_folder else folder
     diffusers.utils.logging.set_verbosity_error()  # what its warnings say, _check_loaded says in one line
-    model, info = getattr(diffusers, class_name).from_pretrained(weights, output_loading_info=True)
+    model, info = getattr(diffusers, class_name).from_pretrained(
+        weights, output_loading_info=True, dtype=torch_dtype(resolve_dtype(dtype, folder)))
     _check_loaded(weights, info)
     model.eval()
     family = next((name for name, f in FAMILIES.items() if f.transformer == class_name), None)
@@ -70,6 +75,17 @@ def load_family_transformer(folder, class_name):
                     **_token_counts(model, pipeline_folder, settings)}
     model.sampling = {key: settings[key] for key in ("height", "width", "num_frames", "steps", "cfg_scale",
                                                      "max_sequence_length") if key in settings}
+    return model
+
+
+def resize_(model, sampling):
+    """Give a loaded family transformer the run's sizes (the size keys of `sampling` that are set): its sampling
+    settings and the token counts its linears see, which the memory plan and the search's cost read."""
+    sizes = {key: sampling[key] for key in SIZE_KEYS if sampling.get(key) is not None}
+    if not sizes or not getattr(model, "source", {}).get("path"):
+        return model
+    model.sampling = {**model.sampling, **sizes}
+    model.source = {**model.source, **_token_counts(model, Path(model.source["path"]), model.sampling)}
     return model
 
 
@@ -98,18 +114,13 @@ def _check_loaded(weights, info):
 def _token_counts(model, pipeline_folder, settings):
     """Image and text tokens per sample at the folder's resolution and prompt length (None: the family's default).
 
-    The VAE's spatial compression: an AutoencoderKL halves per stage after the first; Sana's DC-AE likewise
-    (encoder_block_out_channels: 32x for the published f32c32); Wan's VAE says it (scale_factor_spatial, 8)
-    and compresses time 4x (1 + (frames - 1) / 4 latent frames, the first frame alone)."""
+    The VAE's spatial compression is sizes.vae_scale's; Wan's VAE compresses time 4x (1 + (frames - 1) / 4
+    latent frames, the first frame alone)."""
     if not settings or pipeline_folder is None:
         return {"image_tokens": None, "text_tokens": None}
     vae_config = _read(pipeline_folder / "vae" / "config.json") if (pipeline_folder / "vae").is_dir() else {}
     family = ADAPTERS[type(model).__name__].family
-    if "scale_factor_spatial" in vae_config:
-        scale = vae_config["scale_factor_spatial"]
-    else:
-        stages = vae_config.get("encoder_block_out_channels") or vae_config.get("block_out_channels", (0,) * 4)
-        scale = 2 ** (len(stages) - 1)
+    scale = vae_scale(vae_config)
     patch = model.config.get("patch_size", 1)
     patch = (1, patch, patch) if isinstance(patch, int) else tuple(patch)
     side = (settings["height"] // scale // patch[-2], settings["width"] // scale // patch[-1])

@@ -10,8 +10,17 @@ from pathlib import Path
 from .checkpoint import load_model, load_official
 
 
-def load(spec):
-    """A transformer in eval mode from `spec` (see module docstring)."""
+def load(spec, dtype=None):
+    """A transformer in eval mode from `spec` (see module docstring), in `dtype` (a name in
+    models.dtype.DTYPES; None or "auto": as the checkpoint stores it)."""
+    model = _load(spec, dtype)
+    if dtype not in (None, "auto"):
+        from .dtype import torch_dtype
+        model = model.to(torch_dtype(dtype))
+    return model
+
+
+def _load(spec, dtype):
     from ..testbed import EMBEDDED
     if spec in EMBEDDED:
         from ..diffusion.defaults import TESTBED, set_sampling_defaults_
@@ -21,7 +30,7 @@ def load(spec):
         from .family_load import load_family_transformer, transformer_class
         class_name = transformer_class(path)
         if class_name not in (None, "DiTTransformer2DModel"):
-            return load_family_transformer(path, class_name)
+            return load_family_transformer(path, class_name, dtype)
         from .diffusers_load import load_diffusers
         return load_diffusers(path)
     if path.suffix in (".pt", ".pth", ".bin"):

@@ -10,11 +10,11 @@ import copy
 from ..bits import is_full_precision, quantizable_layers, validate_config
 from ..quant.activations import calibrate_activations_
 from ..quant.linear import QuantLinear
-from ..quant.statistics import collect_statistics
+from ..quant.statistics import fit_block_by_block
 from .recipe import Recipe
 
 
-def quantize(model, config, recipe=None, *, calibration=None, inplace=False):
+def quantize(model, config, recipe=None, *, calibration=None, inplace=False, progress=False):
     """Return `model` with every layer of `config` a QuantLinear at its bits, prepared by `recipe`'s methods.
 
     calibration: (x_t, t, y), inputs of model(x_t, t, y), needed by methods with a statistic
@@ -26,14 +26,17 @@ def quantize(model, config, recipe=None, *, calibration=None, inplace=False):
                          "calibration=(x_t, t, y)")
     model, layers = _swap_layers(model, config, recipe, inplace)
     for _, method, options in recipe.steps():
-        statistics = {}
-        if method.statistic is not None:
-            statistics = collect_statistics(model, {name: method.statistic() for name in layers}, calibration,
-                                            recipe.batch_size)
-        for name, layer in layers.items():
-            method.apply(layer, statistics.get(name), _prepared_bits(config[name], recipe, 0), **options)
+        def fit(name, statistic, method=method, options=options):
+            method.apply(layers[name], statistic, prepared_bits(config[name], recipe, 0), **options)
+
+        if method.statistic is None:
+            for name in layers:
+                fit(name, None)
+        else:
+            fit_block_by_block(model, lambda name, m=method: m.statistic() if name in layers else None, fit,
+                               calibration, recipe.batch_size, _input_bits(config, recipe), progress)
     if recipe.activations == "static":
-        a_bits = {name: _prepared_bits(config[name], recipe, 1) for name in layers}
+        a_bits = {name: prepared_bits(config[name], recipe, 1) for name in layers}
         calibrate_activations_(model, calibration, a_bits, clip=recipe.activation_clip, percentile=recipe.percentile,
                                batch_size=recipe.batch_size)
     return set_bits_(model, config)
@@ -65,7 +68,16 @@ def _swap_layers(model, config, recipe, inplace):
     return model, layers
 
 
-def _prepared_bits(entry, recipe, index):
+def _input_bits(config, recipe):
+    """fit_block_by_block's `bits`: None (inputs from full precision), or each layer's bits to run fitted
+    blocks at (weights only under static activations: their scales are calibrated after every step)."""
+    if recipe.block_inputs == "fp":
+        return None
+    static = recipe.activations == "static"
+    return {name: (entry["w_bits"], 32 if static else entry["a_bits"]) for name, entry in config.items()}
+
+
+def prepared_bits(entry, recipe, index):
     """The w_bits (index 0) or a_bits (1) a layer needs state for: its own and the recipe's switch bits."""
     wanted = {(entry["w_bits"], entry["a_bits"])[index]} | {pair[index] for pair in recipe.switch_bits}
     return sorted(bits for bits in wanted if not is_full_precision(bits))

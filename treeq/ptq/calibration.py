@@ -126,6 +126,15 @@ def split_rows(calibration, counts, model=None):
     return [adapter.select_rows(calibration, index) for index in parts]
 
 
+def expected_rows(model, recipe):
+    """Rows collect_calibration will record for `recipe` (before recording them): images x kept steps, x 2
+    where guidance runs the null condition beside each (cfg_scale above 1)."""
+    settings = (pipeline_settings(model, **recipe.sampling) if is_pipeline_model(model)
+                else {**sampling_defaults(model), **recipe.sampling})
+    steps = min(recipe.calibration_timesteps, settings["steps"])
+    return recipe.calibration_images * steps * (2 if settings["cfg_scale"] > 1 else 1)
+
+
 def num_rows(calibration, model=None):
     """Rows of a calibration set (states of TrajectoryStates)."""
     return _rows_view(calibration, model).num_rows(calibration)

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bits import PRESETS, check_bits, load_config, preset_config
-from ..flags import number
+from ..flags import DTYPE_CHOICES, number
 from ..methods.registry import METHODS, method_options, parse_methods
 from ..quant.activations import CLIPS
 from ..quant.linear import ACTIVATION_QUANTIZERS
 from ..quant.quantizers import CLIP_METHODS
+from ..quant.statistics import BLOCK_INPUTS
 
 
 def _flag(help, flag=None, valid=None, **argparse):
@@ -26,6 +27,10 @@ class Recipe:
     # where the full-precision model comes from: 'default' (the testbed), a TreeQ .safetensors,
     # an official facebookresearch/DiT .pt or a diffusers folder
     model: str = field(default="default", metadata=_flag("the model to quantize"))
+    # the dtype the run computes and stores in; "auto": the checkpoint's own (a bf16 checkpoint stays bf16).
+    # Scales, Hessians and the search's errors are accumulated in float32 whatever it is.
+    dtype: str = field(default="auto", metadata=_flag("float32, bfloat16 or float16; auto: the checkpoint's own",
+                                                      choices=DTYPE_CHOICES))
     # a preset or a bit-configuration .json; a run folder keeps the resolved mapping in bits.json
     bits: str = field(default="W4A4", metadata=_flag("W8A8, W6A6, W4A8, W4A4, W3A3 or a bits .json file", "--config"))
     # PTQ steps in order: a transform, then a branch, then a rounding (see methods/registry.py)
@@ -60,6 +65,11 @@ class Recipe:
     # text-to-image families: the prompts of the calibration images, cycled (empty: a built-in list)
     prompts: tuple = ()
     batch_size: int = 16  # rows per calibration forward
+    # statistics (GPTQ's Hessians, smoothing's maxima) are collected block by block; a block's inputs come
+    # from the full-precision blocks before it, or from those blocks already quantized (GPTQ's order for LLMs)
+    block_inputs: str = field(default="fp", metadata=_flag(
+        "where block-by-block calibration takes a block's inputs: fp (the full-precision model's) or quantized "
+        "(the blocks before it already quantized)", choices=BLOCK_INPUTS))
     # overrides of the model's sampling defaults (sampler, steps, cfg_scale, guidance_channels), used for
     # the calibration trajectories and by `treeq eval --quant`
     sampling: dict = field(default_factory=dict)
@@ -72,7 +82,8 @@ class Recipe:
                              f"got {self.bits!r}")
         self.prompts = tuple(self.prompts)
         self.switch_bits = tuple((check_bits(int(w)), check_bits(int(a))) for w, a in self.switch_bits)
-        for name, allowed in (("activations", ACTIVATION_QUANTIZERS), ("activation_clip", CLIPS),
+        for name, allowed in (("dtype", DTYPE_CHOICES), ("block_inputs", BLOCK_INPUTS),
+                              ("activations", ACTIVATION_QUANTIZERS), ("activation_clip", CLIPS),
                               ("weight_clip", CLIP_METHODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -102,6 +113,11 @@ class Recipe:
         prompts = {"prompts": list(self.prompts)} if self.prompts else {}  # absent by default: DiT cache keys stay
         return {"num_images": self.calibration_images, "num_timesteps": self.calibration_timesteps,
                 "seed": self.calibration_seed, **prompts, **self.sampling}
+
+    def resolved_dtype(self):
+        """This recipe with `dtype` a concrete name (what a run folder records)."""
+        from ..models.dtype import resolve_dtype
+        return dataclasses.replace(self, dtype=resolve_dtype(self.dtype, self.model))
 
     def resolve_bits(self, model):
         """The bit configuration `bits` names, as a mapping for `model`."""

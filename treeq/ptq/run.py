@@ -1,6 +1,6 @@
 """A quantization run folder: the whole state of a quantized model, so it reloads without recomputing.
 
-`treeq quantize --out DIR` writes DIR/state.safetensors (the quantized model's state dict: residual
+`treeq quantize --out DIR` writes DIR/state.safetensors (or its shards, state_files.py; the quantized model's state dict: residual
 weights with transforms folded in, transform buffers, branches, static scales per a_bits, GPTQ codes
 per w_bits), DIR/bits.json (the bit configuration) and DIR/config.json (the recipe, whole). Loading
 rebuilds the empty structure from the recipe and loads the state: no calibration, no GPTQ, and
@@ -10,30 +10,39 @@ integer weights instead and loads as the integer model.
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+import torch
 
-from ..bits import load_config, save_config
+from ..bits import load_config, save_config, validate_config
 from ..deploy.export import META_FILE, load_exported
 from ..deploy.torchao_export import META_FILE as TORCHAO_META_FILE
 from ..deploy.torchao_export import load_torchao
 from ..io import atomic_write
 from ..models.checkpoint import CheckpointError
+from ..models.family_load import resize_
 from ..models.load import load
 from .apply import quantization_map, quantize, quantized_structure, set_bits_
-from .calibration import load_or_collect
+from .calibration import expected_rows, load_or_collect, num_rows
 from .recipe import Recipe
+from .state_files import read_state, write_state
 
-STATE_FILE, BITS_FILE, CONFIG_FILE = "state.safetensors", "bits.json", "config.json"
+BITS_FILE, CONFIG_FILE = "bits.json", "config.json"
 RUN_FORMAT_VERSION = 2
 
 
-def build(recipe, calibration=None, device="cpu"):
-    """(fp_model, quantized_model) made by `recipe` on `device`, collecting (and caching) calibration if
-    it needs it."""
-    model = load(recipe.model).to(device)
+def build(recipe, calibration=None, device="cpu", progress=False):
+    """The model `recipe` quantizes, quantized by it in place on `device` (one copy of the weights),
+    collecting (and caching) calibration if it needs it."""
+    model = resize_(load(recipe.model, recipe.dtype).to(device), recipe.sampling)
+    config = recipe.resolve_bits(model)
+    validate_config(config, model)
+    if progress:
+        from ..memory import describe_plan, quantize_plan
+        rows = expected_rows(model, recipe) if calibration is None else num_rows(calibration, model)
+        print(f"memory plan ({recipe.dtype}, {rows} calibration rows, {device}): "
+              + describe_plan(quantize_plan(model, config, recipe, rows)), flush=True)
     if calibration is None and recipe.needs_calibration():
         calibration = load_or_collect(model, **recipe.calibration_options())
-    return model, quantize(model, recipe.resolve_bits(model), recipe, calibration=calibration)
+    return quantize(model, config, recipe, calibration=calibration, inplace=True, progress=progress)
 
 
 def save_run(folder, recipe, quantized, **metadata):
@@ -41,8 +50,7 @@ def save_run(folder, recipe, quantized, **metadata):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).unlink(missing_ok=True)
-    state = {key: value.detach().cpu().contiguous().clone() for key, value in quantized.state_dict().items()}
-    atomic_write(folder / STATE_FILE, lambda p: save_file(state, str(p)))
+    write_state(folder, quantized.state_dict())
     save_config(quantization_map(quantized), folder / BITS_FILE)
     config = {"format_version": RUN_FORMAT_VERSION, "recipe": recipe.to_dict(), **metadata}
     atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
@@ -67,26 +75,16 @@ def load_run(folder):
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / CONFIG_FILE}: not a TreeQ run: {error}") from None
     bits = load_config(folder / BITS_FILE)
-    model = quantized_structure(load(recipe.model), bits, recipe)
-    state = _read_state(folder / STATE_FILE)
+    model = quantized_structure(load(recipe.model, recipe.dtype), bits, recipe, inplace=True)
+    state = read_state(folder)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)  # the loaded tensors become the model's: no second copy
     except (RuntimeError, OSError) as error:
-        raise CheckpointError(f"{folder / STATE_FILE} does not fit the recipe's model: "
+        raise CheckpointError(f"{folder}'s state does not fit the recipe's model: "
                               f"{str(error).splitlines()[0]}") from None
-    return recipe, set_bits_(model, bits).eval()
-
-
-def _read_state(path):
-    """The run's state dict; a missing, empty or truncated file is a CheckpointError (one line), not a
-    SafetensorError traceback (safetensors raises its own error types)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path} (the run folder is incomplete: quantize again)")
-    try:
-        return load_file(str(path))
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]}): "
-                              "the run folder is damaged; quantize again") from None
+    # safetensors and diffusers leave tensors at offsets CPU GEMMs round differently on; one tensor at a time,
+    # reallocate them as a model quantized in memory holds them, so a reloaded run computes what it did
+    return recipe, set_bits_(model._apply(torch.clone), bits).eval()
 
 
 def load_quantized(folder):

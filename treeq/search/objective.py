@@ -22,8 +22,8 @@ from .readouts import DEFAULT_READOUT, READOUTS
 
 
 def mse_per_row(output, reference):
-    """Mean squared error of each calibration row (the default metric)."""
-    return (output - reference).pow(2).flatten(1).mean(dim=1)
+    """Mean squared error of each calibration row (the default metric), in float32 whatever the model's dtype."""
+    return (output.float() - reference.float()).pow(2).flatten(1).mean(dim=1)
 
 
 def batches_of(adapter, calibration, batch_size, device):
@@ -32,6 +32,25 @@ def batches_of(adapter, calibration, batch_size, device):
     if isinstance(calibration, TrajectoryStates):
         return list(calibration.batches(batch_size, device))
     return [(inputs, None) for inputs in adapter.batches(calibration, batch_size, device)]
+
+
+def model_rows(calibration, model=None):
+    """Rows the model runs per pass over `calibration`: a trajectory state's rows (its null pair too when the
+    sampler guides), or the calibration rows themselves. A block run's cost is per row: block-row runs."""
+    if isinstance(calibration, TrajectoryStates):
+        return calibration.rows_per_state * len(calibration)
+    return num_rows(calibration, model)
+
+
+def resume_block(block_of, start, first, stop, assignment, previous):
+    """The block where scoring a candidate of the segment starting at layer `start` begins: `first` for the first
+    candidate of a call, else the block of its first layer differing from the candidate before it (the states
+    before that block are kept), `stop` for a repeat. Shared with search/estimate.py's counter, so both count
+    the same block runs."""
+    if previous is None:
+        return first
+    differ = next((i for i, (a, b) in enumerate(zip(assignment, previous)) if a != b), None)
+    return stop if differ is None else block_of[start + differ]
 
 
 def sampler_output(calibration, output, weights):
@@ -78,6 +97,8 @@ class ModelObjective:
     per-row errors, averaged over rows (states at the output).
     batch_size: calibration rows (states) per forward.
     Memory: the cache holds up to depth hidden states of all calibration rows.
+    Compute: `block_runs` counts the blocks score() has run, each on `model_rows` rows (the reference pass,
+    the environment cache and timing runs are setup, not counted).
     """
 
     def __init__(self, model, calibration, env_bits, *, readout_blocks=None, readout="hidden", batch_size=320,
@@ -105,6 +126,8 @@ class ModelObjective:
         device = next(model.parameters()).device
         self.calibration = calibration
         self.rows = num_rows(calibration, model)
+        self.model_rows = model_rows(calibration, model)
+        self.block_runs = 0
         self._batches, self._weights = zip(*batches_of(self.adapter, calibration, batch_size, device))
         with torch.no_grad():
             set_bits_(model, {})  # full precision: the reference
@@ -147,10 +170,8 @@ class ModelObjective:
                         module.set_bits(w_bits, a_bits)
                     # Candidates arrive in product order (left child major): consecutive ones share their
                     # first layers, and the blocks before the first differing layer need not run again.
-                    resume = first
-                    if previous is not None:
-                        differ = next((i for i, (a, b) in enumerate(zip(assignment, previous)) if a != b), None)
-                        resume = stop if differ is None else self.block_of[start + differ]
+                    resume = resume_block(self.block_of, start, first, stop, assignment, previous)
+                    self.block_runs += stop - resume
                     trail = [entering] if resume == first else trail[:resume - first + 1]
                     for block in range(resume, stop):
                         trail.append([self.adapter.run_blocks(self.model, state, block, block + 1)

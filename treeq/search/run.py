@@ -3,6 +3,8 @@
 `treeq search` calls run_search. Files beside the bit configuration `out` (bits.json): the state
 (`.state.json`), the log of scored candidates (`.log.jsonl`), results (`.results.json`) and, for tree
 search, the plots. Under torchrun (WORLD_SIZE > 1) candidates are split across ranks and rank 0 writes.
+A tree search prints its cost first (search/estimate.py), and one above `max_cost` image equivalents is
+refused before the model is quantized; the results file says what the search's scoring ran (`compute`).
 """
 import json
 import os
@@ -17,8 +19,8 @@ from ..io import atomic_write
 from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
-from .estimate import describe, estimate_tree_search
-from .objective import DEFAULT_READOUT, ModelObjective, output_error
+from .estimate import MAX_COST, check_cost, describe, estimate_tree_search, image_block_rows, plan_tree_search
+from .objective import DEFAULT_READOUT, ModelObjective, model_rows, output_error
 from .refine import exchange, refine
 from .space import DEFAULT_CANDIDATES, SearchSpace, budget_for, floored, parse_candidates
 from .state import LoggedScorer
@@ -34,7 +36,8 @@ SEARCH_RECIPE = Recipe(methods=("hadamard", "gptq"), activations="dynamic-asym")
 def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env_bits=None, queue_size=16,
                candidates=None, calibration_rows=16, readout_blocks=1, readout=DEFAULT_READOUT, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
-               calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0, floor=None):
+               calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0, floor=None,
+               max_cost=None):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
@@ -49,7 +52,9 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     scores logged to <stem>.ilp.log.jsonl)
     and keep its configuration in every node's queue (tree.tree_search's seeds); method "tss+ilp".
     model, calibration: the full-precision model and its calibration inputs, when the caller holds them
-    (the Python API); by default the recipe's model is loaded and its calibration collected (and cached)."""
+    (the Python API); by default the recipe's model is loaded and its calibration collected (and cached).
+    max_cost: tree search only: refuse (ValueError), before quantizing, a search planned above this many image
+    equivalents (estimate.plan_tree_search; None: no ceiling)."""
     from ..models.load import load
     from ..ptq.apply import quantize
     from ..ptq.calibration import load_or_collect, num_rows, split_rows
@@ -66,12 +71,13 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         candidates = DEFAULT_CANDIDATES[bits]
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
-    _check_settings(out, method, resume, queue_size, evaluations, env_bits)
+    _check_settings(out, method, resume, queue_size, evaluations, env_bits, max_cost)
     _check_rows(recipe or SEARCH_RECIPE, calibration_rows, refine_rows, calibration)
     if refine_rows is not None and not (refine_sweeps or exchange_rounds):
         raise ValueError("refine_rows are the rows a refinement scores; give refine_sweeps or exchange_rounds too")
     recipe = recipe or SEARCH_RECIPE
-    model = load(recipe.model) if model is None else model
+    owned = model is None  # loaded here: quantized in place (one copy of the weights); a caller's model is copied
+    model = load(recipe.model, recipe.dtype) if owned else model
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
     if floor is not None:
         space = floored(space, layer_macs(model), parse_candidates(floor)[0] if isinstance(floor, str) else floor)
@@ -94,20 +100,27 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     scored = objective_rows(model, calibration, recipe)
     # A bad row count is refused before quantizing.
     rows, *refined, held_out = split_rows(scored, (calibration_rows, *([refine_rows] if refine_rows else [])), model)
+    plan = None
+    if method == "tss":  # what the search will cost, refused above the ceiling before quantizing (hours at real size)
+        plan = plan_tree_search(model, space, queue_size, model_rows(rows, model), readout_blocks=readout_blocks,
+                                sampling=recipe.sampling, seed_ilp=seed_ilp)
+        check_cost(plan, max_cost)
     first = space.config([layer[0] for layer in space.candidates])
-    quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None)
+    quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None,
+                         inplace=owned)
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
     objective = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks,
                                readout=readout)
-    scorer = objective
-    if distributed:
-        from .distributed import DistributedScorer
-        scorer = DistributedScorer(scorer)
+    spread = _spread(objective) if distributed else None
+    scorer = spread or objective
     out = Path(out)
     stem = out.with_suffix("")
     log = log or f"{stem}.log.jsonl"
+    hawq = None
     if method == "tss":
-        hawq = None
+        if progress and writer and not resume:
+            print(describe(estimate_tree_search(objective, space, queue_size, sampling=recipe.sampling,
+                                                seed_ilp=seed_ilp)), file=sys.stderr, flush=True)
         if seed_ilp:
             # HAWQ's sensitivities, read where they are strongest: the rest of the network in full precision,
             # the objective at the model output (a block past the layer ranks them worse: docs/RESULTS.md)
@@ -115,8 +128,6 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             hawq = ilp(LoggedScorer(sensitivities, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs,
                        bits)
         seeds = [space.assignment(hawq.config)] if hawq else []
-        if progress and writer and not resume:
-            print(describe(estimate_tree_search(objective, space, queue_size)), file=sys.stderr, flush=True)
         result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
                              log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds,
                              budget_window=budget_window)
@@ -131,6 +142,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             result = search(scorer, space, costs, bits, evaluations, seed=seed)
         else:
             result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
+    # the search's own scoring: a refinement after it scores on the same objective and is not counted
+    block_runs = _over_ranks(objective.block_runs, spread) + (sensitivities.block_runs if hawq else 0)
     refiner = ModelObjective(quantized, refined[0], env_bits, readout_blocks=None) if refined else scorer
     if exchange_rounds:
         result = exchange(refiner, space, costs, bits, result, exchange_rounds)
@@ -146,8 +159,10 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     "cost": cost, "seed": seed,
                     "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "floor": floor, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
                     "budget_window": budget_window if method == "tss" else None}
+        compute = _compute(block_runs, objective.model_rows, image_block_rows(model, recipe.sampling), plan)
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
-                           "held_out_rows": num_rows(held_out, model), "front": result.front}, indent=1)
+                           "held_out_rows": num_rows(held_out, model), "compute": compute, "front": result.front},
+                          indent=1)
         atomic_write(f"{stem}.results.json", lambda p: p.write_text(text))
         if method == "tss":
             from .plots import plot_front, plot_levels
@@ -155,6 +170,30 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             plot_front(result.front, f"{stem}-front.png", chosen={"average_bits": result.average_bits,
                                                                   "metric": result.metric})
     return result
+
+
+def _compute(block_runs, rows, image_rows, plan):
+    """The results' `compute`: the block runs the search's scoring ran (all ranks; a resumed search counts
+    what this run scored), on `rows` model rows each, in block-row runs and image equivalents (`image_rows`
+    block-row runs each), beside the block-row runs its plan printed (tree search)."""
+    return {"block_runs": block_runs, "rows": rows, "block_row_runs": block_runs * rows, "image_block_rows": image_rows,
+            "image_equivalents": block_runs * rows / image_rows,
+            "planned_block_row_runs": plan["block_row_runs"] if plan else None}
+
+
+def _spread(objective):
+    """The objective's candidates split across the torchrun ranks."""
+    from .distributed import DistributedScorer
+    return DistributedScorer(objective)
+
+
+def _over_ranks(count, spread):
+    """`count` summed over the ranks that each scored their share of every node (`spread`; None: one process)."""
+    if spread is None:
+        return count
+    total = torch.tensor([float(count)], dtype=torch.float64, device=spread.device)
+    torch.distributed.all_reduce(total, group=spread.group)
+    return round(total.item())
 
 
 def objective_rows(model, calibration, recipe):
@@ -169,7 +208,7 @@ def objective_rows(model, calibration, recipe):
     return load_or_record_states(model, **recipe.calibration_options())
 
 
-def _check_settings(out, method, resume, queue_size, evaluations, env_bits):
+def _check_settings(out, method, resume, queue_size, evaluations, env_bits, max_cost):
     """Everything a search can refuse, refused before the model loads and calibrates (minutes to hours
     of work): a search that would fail at its end leaves no state or log behind."""
     from ..bits import check_bits
@@ -183,6 +222,10 @@ def _check_settings(out, method, resume, queue_size, evaluations, env_bits):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if resume and method != "tss":
         raise ValueError(f"--resume continues a tree search (--method tss); {method} keeps no state")
+    if max_cost is not None:
+        MAX_COST.check(max_cost, "max_cost")
+        if method != "tss":
+            raise ValueError(f"--max-cost bounds a tree search (--method tss), whose cost is planned; {method}'s is not")
     state = Path(f"{out.with_suffix('')}.state.json")
     if resume and not state.exists():
         raise FileNotFoundError(f"nothing to resume: no {state}; run without --resume to start afresh")
