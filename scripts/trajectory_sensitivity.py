@@ -9,7 +9,7 @@ import tempfile
 import torch
 
 from treeq.bits import preset_config
-from treeq.experiment import generate
+from treeq.testbed.experiment import generate
 from treeq.models.load import load
 from treeq.ptq.apply import quantize
 from treeq.deploy.export import export, load_exported

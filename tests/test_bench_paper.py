@@ -38,7 +38,7 @@ def _small(recipe):
 
 
 def _generate(model, num_samples, seed):
-    from treeq.experiment import generate
+    from treeq.testbed.experiment import generate
     return generate(model, num_samples, seed, progress=False, steps=2)
 
 

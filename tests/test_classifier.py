@@ -74,7 +74,7 @@ def test_random_shift_moves_a_pixel_at_most_two_steps():
 @pytest.mark.slow
 def test_held_out_accuracy_and_default_reference():
     """The committed weights on all 1,000 held-out digits; real digits score FID ~ 0 against themselves."""
-    from treeq.data import mnist
+    from treeq.testbed.data import mnist
 
     images, labels = mnist("held_out")
     result = evaluate(images, labels)

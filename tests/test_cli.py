@@ -94,8 +94,8 @@ def test_branch_flag_composes_with_any_method_list(tiny_path, tmp_path):
 
 
 def test_finetune_command_writes_a_run_that_eval_accepts(tiny_path, tmp_path, capsys, monkeypatch):
-    import treeq.data
-    monkeypatch.setattr(treeq.data, "mnist", lambda split: (torch.randn(16, 1, 32, 32).clamp(-1, 1),
+    import treeq.testbed.data
+    monkeypatch.setattr(treeq.testbed.data, "mnist", lambda split: (torch.randn(16, 1, 32, 32).clamp(-1, 1),
                                                             torch.arange(16) % 10))
     run, tuned = tmp_path / "lr", tmp_path / "tuned"
     assert main(["quantize", "--model", tiny_path, "--config", "W3A3", "--branch", "lowrank", "--branch-ratio", "0.1",

@@ -4,7 +4,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from treeq.data import _load_raw, mnist, split_indices
+from treeq.testbed.data import _load_raw, mnist, split_indices
 
 
 def test_split_is_stable_disjoint_and_balanced():

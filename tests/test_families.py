@@ -120,7 +120,7 @@ def test_layer_rows_count_image_text_and_modulation_rows(folders, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_run_reloads_to_identical_outputs_and_samples(folders, calibrations, family, tmp_path):
     from treeq.ptq.run import load_run, save_run
-    from treeq.pipeline import sample_family_to_folder
+    from treeq.eval.sample_folder import sample_family_to_folder
 
     model = load(folders[family])
     recipe = dataclasses.replace(RECIPE, model=str(folders[family]), methods=("hadamard", "monarch", "gptq"))

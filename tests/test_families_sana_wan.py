@@ -12,7 +12,7 @@ from treeq.cli import main
 from treeq.models.adapters import adapter_for
 from treeq.models.families import FAMILIES, build_pipeline, init_pipeline_folder
 from treeq.models.load import load
-from treeq.pipeline import sample_family_to_folder
+from treeq.eval.sample_folder import sample_family_to_folder
 from treeq.ptq.apply import quantize
 from treeq.ptq.calibration import collect_calibration
 from treeq.ptq.recipe import Recipe

@@ -169,7 +169,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, caps
 def test_ctrl_c_on_sampling_says_truthfully_whether_parts_were_kept(tiny_dit, tmp_path, monkeypatch, capsys):
     """A family's pipeline keeps nothing; DiT sampling keeps finished batches: the line says which. A bar left
     open by the interrupt is ended first, so the line stands alone."""
-    import treeq.pipeline
+    import treeq.eval.sample_folder
     from tqdm import tqdm
 
     from treeq.models.checkpoint import save_model
@@ -183,7 +183,7 @@ def test_ctrl_c_on_sampling_says_truthfully_whether_parts_were_kept(tiny_dit, tm
         bars.append(tqdm(total=10, desc="sampling"))  # a bar still open when Ctrl-C comes
         bars[-1].update(3)
         raise KeyboardInterrupt
-    monkeypatch.setattr(treeq.pipeline, "sample_to_folder", interrupted)
+    monkeypatch.setattr(treeq.eval.sample_folder, "sample_to_folder", interrupted)
     argv = ["sample", "--model", str(tmp_path / "tiny.safetensors"), "--num-samples", "10", "--out", str(out)]
     assert main(argv) == 130
     err = capsys.readouterr().err

@@ -2,7 +2,7 @@
 import pytest
 
 from treeq.bits import quantizable_layers
-from treeq.experiment import generate, measure
+from treeq.testbed.experiment import generate, measure
 from treeq.models.load import load
 from treeq.testbed import DEEP_WEIGHTS
 

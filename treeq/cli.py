@@ -75,7 +75,7 @@ def _print(result, as_json):
 
 
 def cmd_train(args):
-    from .data import mnist
+    from .testbed.data import mnist
     from .diffusion.train import TrainConfig, train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
@@ -88,7 +88,7 @@ def cmd_train(args):
 def cmd_sample(args):
     from .diffusion.defaults import resolve_sampling
     from .distributed import setup, teardown
-    from .pipeline import latent_decoder, resolve_classes, sample_to_folder
+    from .eval.sample_folder import latent_decoder, resolve_classes, sample_to_folder
 
     model = _load(args)
     from .diffusion.pipelines import is_pipeline_model
@@ -122,7 +122,7 @@ def cmd_sample(args):
 def _sample_family(model, args):
     """`treeq sample` of a text-to-image family: its own pipeline, prompts from --prompts or a built-in list."""
     from .memory import describe_peak_memory
-    from .pipeline import sample_family_to_folder
+    from .eval.sample_folder import sample_family_to_folder
 
     if args.classes or args.sampler or args.scheduler or args.guidance_channels is not None:
         raise ValueError(f"{type(model).__name__} samples through its own pipeline: --classes, --sampler, "
@@ -150,7 +150,7 @@ def cmd_eval(args):
         from .eval.inception import evaluate_folder
         _print(evaluate_folder(args.samples, args.inception_weights, args.reference), args.json)
         return 0
-    from .experiment import generate, sample_and_measure
+    from .testbed.experiment import generate, sample_and_measure
     from .models.load import load
 
     overrides = _sampling_overrides(args)
@@ -289,7 +289,7 @@ def cmd_quantize(args):
 
 
 def cmd_finetune(args):
-    from .data import mnist
+    from .testbed.data import mnist
     from .diffusion.pipelines import is_pipeline_model
     from .finetune.distill import FinetuneConfig, finetune_, summary
     from .models.load import load

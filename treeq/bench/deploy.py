@@ -21,7 +21,7 @@ from ..deploy.export import export, load_exported
 from ..deploy.fold import fold_smoothing_
 from ..deploy.integer import IntLinear
 from ..deploy.torchao_export import to_torchao_, torchao_available
-from ..experiment import generate
+from ..testbed.experiment import generate
 from ..models.load import load
 from ..models.registry import create_model
 from ..ptq.apply import quantize

@@ -1,7 +1,7 @@
 """`treeq bench fp`: the full-precision testbed's metrics and its CPU sampling throughput."""
 import torch
 
-from ..experiment import sample_and_measure
+from ..testbed.experiment import sample_and_measure
 from ..models.load import load
 from ..testbed import SAMPLING
 

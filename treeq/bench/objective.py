@@ -183,7 +183,7 @@ def bench_objective(model="default", targets=("W4A4", "W3A3"), num_samples=250, 
     FP (over all configurations; without uniform and random ones; a good objective is near -1). Objectives
     are read on the held-out states of bench search, whose configurations it reads back (or runs)."""
     from ..bits import average_bits
-    from ..experiment import generate
+    from ..testbed.experiment import generate
     from .search import FOLDER, REFINE_ROWS, SCORED_ROWS, bench_folder
 
     folder = bench_folder(FOLDER if folder is None else folder, model)

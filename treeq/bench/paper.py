@@ -24,9 +24,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..bits import average_bits, is_full_precision, preset_config, quantizable_layers
-from ..data import mnist
+from ..testbed.data import mnist
 from ..demo import BRANCH_RATIO, treeq_recipe
-from ..experiment import generate, measure
+from ..testbed.experiment import generate, measure
 from ..finetune.distill import FinetuneConfig, finetune_
 from ..io import atomic_write
 from ..models.load import load

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ..bits import preset_config
-from ..experiment import generate, measure
+from ..testbed.experiment import generate, measure
 from ..models.load import load
 from ..ptq.apply import quantize
 from ..ptq.calibration import collect_calibration, load_or_collect, spread_rows

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..bits import average_bits, load_config, quantizable_layers
 from .objective import psnr_difference, sample_errors
-from ..experiment import generate, measure
+from ..testbed.experiment import generate, measure
 from ..models.adapters import adapter_for
 from ..models.load import load
 from ..ptq.apply import quantize, set_bits_

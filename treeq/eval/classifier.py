@@ -84,7 +84,7 @@ def train_classifier(seed=0, epochs=EPOCHS, batch_size=64, lr=2e-3):
     layer and dropout reach 98.6-98.8%. No label smoothing: it caps the classifier's confidence
     and with it the Inception Score (real held-out digits scored 5.8 instead of 9.3).
     """
-    from ..data import mnist
+    from ..testbed.data import mnist
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -108,7 +108,7 @@ def train_classifier(seed=0, epochs=EPOCHS, batch_size=64, lr=2e-3):
 
 def held_out_accuracy(classifier):
     """Top-1 accuracy on the 1,000 held-out digits."""
-    from ..data import mnist
+    from ..testbed.data import mnist
 
     images, labels = mnist("held_out")
     return (classify(classifier, images).logits.argmax(1) == labels).double().mean().item()

@@ -47,7 +47,7 @@ def from_uint8(pixels):
 def evaluate_folder(samples, inception_weights=None, reference=None):
     """Metrics of the images in a sample folder (or ADM .npz): Inception FID against `reference` when
     weights are given; else, for testbed-sized digits, the reference-classifier metrics."""
-    from ..pipeline import read_samples
+    from .sample_folder import read_samples
 
     images, labels, _ = read_samples(samples)
     result = {"num_samples": len(images)}

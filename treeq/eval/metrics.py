@@ -121,7 +121,7 @@ def _default_classifier():
 def _held_out_outputs(classifier):
     """The classifier's outputs on the held-out digits, computed once per classifier."""
     if classifier not in _held_out_cache:
-        from ..data import mnist
+        from ..testbed.data import mnist
 
         _held_out_cache[classifier] = classify(classifier, mnist("held_out")[0])
     return _held_out_cache[classifier]

@@ -7,9 +7,9 @@ second testbed, trained the same way at DiT-XL/2's depth.
 """
 from pathlib import Path
 
-from .diffusion.defaults import TESTBED
+from ..diffusion.defaults import TESTBED
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 WEIGHTS = ASSETS / "testbed"  # testbed.safetensors + testbed.json
 # The second testbed at DiT-XL/2's depth (28 blocks, width 64): the search measured where the headline's tree is.
 DEEP_WEIGHTS = ASSETS / "testbed-deep"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .diffusion.sampling import progress_bar, sample
-from .distributed import barrier
-from .eval.export import save_adm_npz, save_adm_npz_parts, save_grid_png, to_uint8
-from .io import atomic_write
+from ..diffusion.sampling import progress_bar, sample
+from ..distributed import barrier
+from .export import save_adm_npz, save_adm_npz_parts, save_grid_png, to_uint8
+from ..io import atomic_write
 
 RECORD = "sampling.json"  # the run's settings; a resumed run must match them
 PARTS = "parts"           # parts/<first index>.npz: images (uint8 NHWC) and labels of one batch
@@ -24,7 +24,7 @@ SAMPLES = "samples.npz"   # arr_0: uint8 NHWC images, arr_1: labels (as ADM's im
 def latent_decoder(model, vae_path, device):
     """(VAE or None, its path): `vae_path`, else the VAE the model's pipeline folder brought, in the model's
     dtype. A model that samples latents without one is an error; pixel-space models need none."""
-    from .diffusion.vae import load_vae
+    from ..diffusion.vae import load_vae
 
     vae_path = vae_path or getattr(model, "source", {}).get("vae")
     if vae_path is None:
@@ -136,7 +136,7 @@ def sample_to_folder(model, out, *, num_samples, settings, seed=0, batch_size=16
             images = sample(model, labels, seed=seed, indices=indices, batch_size=end - start, progress=False,
                             bar=bar, **settings)
             if vae is not None:
-                from .diffusion.vae import decode
+                from ..diffusion.vae import decode
                 images = decode(vae, images, batch_size=end - start)
             pixels = to_uint8(images)
             atomic_write(_part_path(out, start), lambda p: _save_part(p, pixels, labels.numpy()))
@@ -163,7 +163,7 @@ def sample_family_to_folder(model, out, *, num_samples, seed=0, batch_size=8, pr
 
     A video family (Wan) also writes videos.npz (arr_0: every frame, uint8 (N, F, H, W, 3)); samples.npz and
     grid.png then hold each video's middle frame, so image tools (FID, the grid) read one image per sample."""
-    from .diffusion.pipelines import pipeline_settings, sample_pipeline
+    from ..diffusion.pipelines import pipeline_settings, sample_pipeline
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")

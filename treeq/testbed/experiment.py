@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from .diffusion.defaults import resolve_sampling
-from .diffusion.sampling import balanced_labels, sample
+from ..diffusion.defaults import resolve_sampling
+from ..diffusion.sampling import balanced_labels, sample
 
 
 def generate(model, num_samples, seed=0, progress=True, **overrides):
@@ -23,7 +23,7 @@ def generate(model, num_samples, seed=0, progress=True, **overrides):
 
 def measure(images, labels, fp_images=None):
     """The paper-style metrics of a sample set (see treeq.eval.metrics.evaluate)."""
-    from .eval.metrics import evaluate
+    from ..eval.metrics import evaluate
     return evaluate(images.clamp(-1, 1), labels, fp_images=None if fp_images is None else fp_images.clamp(-1, 1))
 
 

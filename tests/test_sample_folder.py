@@ -10,7 +10,7 @@ from treeq.diffusion.defaults import resolve_sampling
 from treeq.diffusion.sampling import sample, sample_generators
 from treeq.diffusion.vae import decode, load_vae
 from treeq.models.load import load
-from treeq.pipeline import resolve_classes, run_labels, sample_to_folder
+from treeq.eval.sample_folder import resolve_classes, run_labels, sample_to_folder
 
 
 def _samples(folder):
