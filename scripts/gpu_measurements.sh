@@ -6,15 +6,24 @@
 # DEVICE, NUM: a smaller model, the CPU, fewer samples, for trying the script. STEPS: the steps to run,
 # or a group: deploy (kernels and end-to-end rows of the deployed models: torchao export, fused Triton
 # kernel, bf16 eager and compiled; under 10 minutes) or search (the search at DiT-XL/2's cost: a full
-# tree search needs most of a 15-minute lease). Default: both groups, then the 1,000-sample run.
+# tree search needs most of a 15-minute lease), families (a random full-size SD3 quantized in bf16 with GPTQ
+# at 256 px and sampled: time and peak GPU memory against the printed memory plan) or search-families (the
+# default search on that SD3 at 256 px, printed cost against what it ran). Default: families,
+# search-families, deploy, search, then the 1,000-sample run.
 # The device image has torch and Triton but not torchao or diffusers: carry their wheels (see the device
 # notes); without torchao the torchao rows say so in an `error` row and the rest still runs.
 set -u
-STEPS=${STEPS:-"deploy search sample1000"}
-STEPS=${STEPS//deploy/gpu_kernels xl xl_compiled}
-STEPS=${STEPS//search_cost/SEARCH_COST}
-STEPS=${STEPS//search/search_cost search}
-STEPS=${STEPS//SEARCH_COST/search_cost}
+expanded=""
+for word in ${STEPS:-families search-families deploy search sample1000}; do  # groups into their steps
+  case $word in
+    families) expanded+=" families_init families_quantize families_sample" ;;
+    search-families) expanded+=" search_families" ;;
+    deploy) expanded+=" gpu_kernels xl xl_compiled" ;;
+    search) expanded+=" search_cost search" ;;
+    *) expanded+=" $word" ;;
+  esac
+done
+STEPS=$expanded
 PY=${PY:-python3}
 OUT=${OUT:-runs/gpu}
 WORK=${WORK:-/tmp/treeq-gpu}
@@ -47,6 +56,25 @@ step search 540 $PY -m treeq search --model "$WORK/xl.pt" --target W4A4 --method
 kill %1 2>/dev/null
 echo "search: $(cat "$WORK"/search/bits.log.jsonl 2>/dev/null | wc -l) candidates scored;" \
      "peak GPU MiB (nvidia-smi): $(sort -n "$OUT/search_gpu_mb.txt" 2>/dev/null | tail -1)"
+# A random SD3 at its published size (2.03 B parameters): quantized in bf16 with GPTQ at 256 px, then sampled.
+gpu_memory() {  # gpu_memory NAME: nvidia-smi's used MiB every 0.5 s into $OUT/NAME_gpu_mb.txt (stop: kill %1)
+  [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/$1_gpu_mb.txt" &
+}
+step families_init 200 $PY -m treeq init --family sd3 --size full --out "$WORK/sd3"
+gpu_memory families_quantize
+step families_quantize 400 $PY -m treeq quantize --model "$WORK/sd3" --dtype bfloat16 --method hadamard,gptq \
+    --config W4A4 --height 256 --width 256 --calibration-images 4 --calibration-timesteps 4 --steps 8 --device $DEVICE \
+    --out "$WORK/sd3-run"
+kill %1 2>/dev/null
+echo "families_quantize: peak GPU MiB (nvidia-smi): $(sort -n "$OUT/families_quantize_gpu_mb.txt" 2>/dev/null | tail -1)"
+step families_sample 200 $PY -m treeq sample --quant "$WORK/sd3-run" --height 256 --width 256 --steps 8 \
+    --num-samples 4 --device $DEVICE --out "$WORK/sd3-samples"
+gpu_memory search_families
+step search_families 540 $PY -m treeq search --model "$WORK/sd3" --dtype bfloat16 --height 256 --width 256 --steps 8 \
+    --calibration-images 4 --calibration-timesteps 4 --target W4A4 --device $DEVICE --out "$WORK/sd3-search/bits.json"
+kill %1 2>/dev/null
+echo "search_families: peak GPU MiB (nvidia-smi): $(sort -n "$OUT/search_families_gpu_mb.txt" 2>/dev/null | tail -1);" \
+     "compute: $(grep -o '"image_equivalents": [0-9.e+-]*' "$WORK"/sd3-search/bits.results.json 2>/dev/null)"
 # Linear shapes: fp32, tf32, bf16, int8, the fused W4A8 Triton kernel bare and with a low-rank branch.
 [ "$DEVICE" = cuda ] && step gpu_kernels 90 $PY -m treeq bench gpu-kernels --json
 # End to end, seconds per sampling step and peak memory; eager, then the compiled settings apart (compilation).

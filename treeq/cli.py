@@ -434,7 +434,11 @@ def cmd_search(args):
                      methods=args.ptq_method or SEARCH_RECIPE.methods,
                      calibration_images=args.calibration_images or SEARCH_RECIPE.calibration_images,
                      calibration_timesteps=args.calibration_timesteps or SEARCH_RECIPE.calibration_timesteps,
-                     prompts=tuple(_prompts(args) or ()))
+                     prompts=tuple(_prompts(args) or ()), dtype=args.dtype, sampling=_sampling_overrides(args))
+    recipe = recipe.resolved_dtype()
+    if args.device:
+        from .models.dtype import check_device_dtype
+        check_device_dtype(recipe.dtype, args.device)
     result = run_search(recipe, args.target, args.method, out=args.out, env_bits=args.env_bits,
                         queue_size=args.queue_size, candidates=args.candidates, calibration_rows=args.calibration_rows,
                         readout_blocks=None if args.readout_blocks < 0 else args.readout_blocks, readout=args.readout,
@@ -459,6 +463,11 @@ def _add_search(sub):
                         help="the recipe's PTQ methods the search scores and quantize applies (default hadamard,gptq)")
     search.add_argument("--activations", default=None, choices=("dynamic", "dynamic-asym", "static"),
                         help="the recipe's activation quantizer (default dynamic-asym)")
+    search.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="the run's floating-point type (auto: the checkpoint's own)")
+    search.add_argument("--steps", "--num-inference-steps", dest="steps", type=STEPS, default=None,
+                        help="sampling steps of the calibration trajectories (default: the model's)")
+    _add_sizes(search)
     search.add_argument("--env-bits", type=_env_bits(), default=None,
                         help="environmental noise: bits of every layer outside the scored segment (default the "
                              "target; 32 = full precision)")

@@ -55,6 +55,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     (the Python API); by default the recipe's model is loaded and its calibration collected (and cached).
     max_cost: tree search only: refuse (ValueError), before quantizing, a search planned above this many image
     equivalents (estimate.plan_tree_search; None: no ceiling)."""
+    from ..models.family_load import resize_
     from ..models.load import load
     from ..ptq.apply import quantize
     from ..ptq.calibration import load_or_collect, num_rows, split_rows
@@ -77,7 +78,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         raise ValueError("refine_rows are the rows a refinement scores; give refine_sweeps or exchange_rounds too")
     recipe = recipe or SEARCH_RECIPE
     owned = model is None  # loaded here: quantized in place (one copy of the weights); a caller's model is copied
-    model = load(recipe.model, recipe.dtype) if owned else model
+    model = resize_(load(recipe.model, recipe.dtype), recipe.sampling) if owned else model
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), candidates)
     if floor is not None:
         space = floored(space, layer_macs(model), parse_candidates(floor)[0] if isinstance(floor, str) else floor)
