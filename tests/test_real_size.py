@@ -249,3 +249,12 @@ def test_a_bf16_search_picks_a_configuration_near_the_float32_searchs(folders, t
     held_out = collect_calibration(model, num_images=2, num_timesteps=2, seed=99)
     errors = {dtype: output_error(quantized, held_out, config) for dtype, config in configs.items()}
     assert errors["bfloat16"] <= 2.5 * errors["float32"], errors
+
+
+def test_the_runs_sizes_reach_the_token_counts_the_plan_and_the_cost_read(folders):
+    from treeq.models.family_load import resize_
+
+    model = load(folders["sd3"])
+    before = adapter_for(model).image_tokens(model)
+    resize_(model, {"height": 2 * model.sampling["height"], "width": 2 * model.sampling["width"], "steps": 3})
+    assert adapter_for(model).image_tokens(model) == 4 * before and model.sampling["steps"] != 3

@@ -170,8 +170,9 @@ class ChainAdapter:
         return rows
 
     def image_tokens(self, model):
+        """The folder's resolution (or the run's, models.family_load.resize_); else the config's latent size."""
         size = model.config.sample_size
-        return (size // model.config.patch_size) ** 2
+        return getattr(model, "source", {}).get("image_tokens") or (size // model.config.patch_size) ** 2
 
     def text_tokens(self, model):
         return getattr(model, "source", {}).get("text_tokens") or self.default_text_tokens

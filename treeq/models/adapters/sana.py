@@ -19,8 +19,3 @@ class SanaAdapter(ChainAdapter):
     text = ("attn2.to_k", "attn2.to_v")
     pipeline = "SanaPipeline"
     default_text_tokens = 300
-
-    def image_tokens(self, model):
-        """The folder's resolution through its DC-AE; else the config's latent size (32: 1024px at 32x)."""
-        source = getattr(model, "source", {})
-        return source.get("image_tokens") or super().image_tokens(model)
