@@ -378,6 +378,7 @@ _BENCHES = {
                                            **_settings(a, "settings")}),
     "recipes": ("ptq", "bench_output_error", lambda a: {}),
     "dtype": ("dtype", "bench_dtype", lambda a: _settings(a, "settings")),
+    "search-plan": ("search_plan", "bench_search_plan", lambda a: _settings(a, "settings")),
     "memory-plan": ("memory_plan", "bench_memory_plan", lambda a: _settings(a, "settings")),
     "block-inputs": ("ptq", "bench_block_inputs", lambda a: {"num_samples": a.num_samples, "seed": a.seed,
                                                              **_settings(a, "settings")}),
