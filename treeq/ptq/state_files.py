@@ -14,7 +14,7 @@ from ..io import atomic_write
 from ..models.checkpoint import CheckpointError
 
 STATE_FILE = "state.safetensors"
-SHARD_BYTES = 2 * 2 ** 30
+SHARD_BYTES = 2 ** 29  # 512 MiB: the serialised shard sits beside the weights and codes (RESULTS, issue 30)
 _SHARD = re.compile(r"state-(\d{5})-of-(\d{5})\.safetensors")
 
 
