@@ -134,21 +134,6 @@ def _at_bits(layers, bits):
             layers[name].w_bits, layers[name].a_bits = w_bits, a_bits
 
 
-def run_calibration(model, calibration, batch_size=16):
-    """Forward the calibration inputs in eval mode and in batches, on the model's device."""
-    adapter = adapter_for(model)
-    check_calibration(model, calibration)
-    device = next(model.parameters()).device
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for inputs in adapter.batches(calibration, batch_size, device):
-                adapter.forward(model, inputs)
-    finally:
-        model.train(training)
-
-
 def check_calibration(model, calibration):
     """Raise ValueError unless `calibration` is the input form of `model`'s family: (x_t, t, y) for our
     DiT, recorded CallInputs for a diffusers transformer."""
