@@ -37,8 +37,9 @@ def _load(args):
     dtype = getattr(args, "dtype", "auto")
     if getattr(args, "quant", None):
         from .ptq.run import load_quantized
+        from .models.dtype import dtype_name
         model = load_quantized(args.quant)
-        held = str(next(model.parameters()).dtype).removeprefix("torch.")
+        held = dtype_name(next(model.parameters()).dtype)
         if dtype not in ("auto", held):
             raise ValueError(f"{args.quant} holds a {held} run: it samples as it was quantized (omit --dtype, or "
                              f"quantize again with --dtype {dtype})")
@@ -89,6 +90,7 @@ def cmd_sample(args):
     from .diffusion.defaults import resolve_sampling
     from .distributed import setup, teardown
     from .eval.sample_folder import latent_decoder, resolve_classes, sample_to_folder
+    from .models.dtype import dtype_name
 
     model = _load(args)
     from .diffusion.pipelines import is_pipeline_model
@@ -105,7 +107,7 @@ def cmd_sample(args):
         classes = resolve_classes(args.classes, model.config.num_classes,
                                   getattr(model, "source", {}).get("id2label"))
         record = {"model": args.model, "quant": args.quant, "vae": vae_path, "device": args.device,
-                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                  "dtype": dtype_name(next(model.parameters()).dtype)}
         done = sample_to_folder(model, args.out, num_samples=args.num_samples, settings=settings, seed=args.seed,
                                 batch_size=args.batch_size, vae=vae, classes=classes, record=record, rank=rank,
                                 world_size=world_size, progress=not args.quiet)
