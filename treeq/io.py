@@ -8,7 +8,7 @@ def atomic_write(path, write):
     """Call `write(tmp_path)`, then rename the finished file onto `path` (parents are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write one cache file
     try:
         write(tmp)
         os.replace(tmp, path)
