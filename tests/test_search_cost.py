@@ -43,7 +43,10 @@ def tiny_path(tiny_dit, tmp_path, monkeypatch):
 
 
 def _no_quantizing(monkeypatch):
+    """quantize patched to fail; treeq.ptq.run imported first, so that its own binding of quantize is the real
+    one after this test (a first import while patched kept the failing one for every later test)."""
     import treeq.ptq.apply as apply
+    import treeq.ptq.run  # noqa: F401
 
     def fail(*args, **kwargs):
         raise AssertionError("quantized a search above its --max-cost")

@@ -450,7 +450,8 @@ def cmd_search(args):
                         device=args.device, refine_sweeps=args.refine_sweeps, seed_ilp=args.seed_ilp,
                         budget_window=None if args.budget_window < 0 else args.budget_window,
                         refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds, floor=args.floor,
-                        max_cost=args.max_cost)
+                        max_cost=args.max_cost, low_queue=args.low_queue, low_rows=args.low_rows,
+                        low_levels=args.low_levels)
     print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
@@ -476,6 +477,14 @@ def _add_search(sub):
                         help="environmental noise: bits of every layer outside the scored segment (default the "
                              "target; 32 = full precision)")
     search.add_argument("--queue-size", type=COUNT, default=16)
+    search.add_argument("--low-queue", type=COUNT, default=None,
+                        help="tss: the queue of the low levels (--low-levels), whose products the next level scores "
+                             "(default: --queue-size)")
+    search.add_argument("--low-rows", type=COUNT, default=None,
+                        help="tss: calibration rows the low levels score, out of --calibration-rows (default: all)")
+    search.add_argument("--low-levels", type=number(int, 0), default=None,
+                        help="tss: how many levels from the leaves are low (default: those whose segments fit in "
+                             "the model's smallest block)")
     search.add_argument("--calibration-images", type=COUNT, default=None,
                         help="images whose sampling trajectories calibrate (default 32)")
     search.add_argument("--calibration-timesteps", type=COUNT, default=None,

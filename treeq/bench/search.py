@@ -31,7 +31,7 @@ from ..ptq.apply import quantize, set_bits_
 from ..ptq.calibration import load_or_collect, load_or_record_states, split_rows, spread_rows
 from ..search.cost import parse_target
 from ..search.estimate import stop_after, tree_block_runs
-from ..search.objective import ModelObjective, output_error
+from ..search.objective import ModelObjective, output_errors
 from ..search.run import SEARCH_RECIPE, run_search
 from ..search.space import DEFAULT_CANDIDATES, SearchSpace
 
@@ -54,6 +54,19 @@ SCORED_ROWS = 16  # run_search's default calibration_rows
 # evo, random: as many evaluations as the tree made (each runs the whole model, the tree's mostly a few
 # blocks: about 10x the tree's compute at 28 blocks); evo@compute, random@compute: the tree's compute,
 # its block runs (search/estimate.py) over the model's depth in whole-model evaluations.
+# The cost levers (issue 31), each the default tree with one setting changed, then together: the readout at the
+# segment's end (not a block past); the low levels (segments within the smallest block) scoring a quarter of the
+# rows, or keeping a queue of 8; a queue of 8 at every level. tss-cheap: the first three (a third of FLUX.1's
+# default cost); tss-fast: also queues of 8 above and 4 below (a tenth). Their rows compare with `tss` as well
+# (psnr_minus_tss, held_out_db_minus_tss).
+LEVERS = {
+    "tss-end": {"method": "tss", "readout_blocks": 0},
+    "tss-lowrows": {"method": "tss", "low_rows": 4},
+    "tss-lowq": {"method": "tss", "low_queue": 8},
+    "tss-q8": {"method": "tss", "queue_size": 8},
+    "tss-cheap": {"method": "tss", "readout_blocks": 0, "low_rows": 4, "low_queue": 8},
+    "tss-fast": {"method": "tss", "readout_blocks": 0, "low_rows": 4, "queue_size": 8, "low_queue": 4},
+}
 SEARCHES = {
     "uniform": {"method": "uniform"},
     "greedy": {"method": "greedy"},
@@ -70,6 +83,7 @@ SEARCHES = {
     "tss+refine": {"method": "tss", "refine_sweeps": REFINE_SWEEPS, "refine_rows": REFINE_ROWS},
     "tss+exchange": {"method": "tss", "exchange_rounds": EXCHANGE_ROUNDS, "refine_rows": REFINE_ROWS},
     "tss+ilp": {"method": "tss", "seed_ilp": True},
+    **LEVERS,
     "evo": {"method": "evo"},
     "random": {"method": "random"},
     "evo@compute": {"method": "evo"},
@@ -115,7 +129,9 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
     psnr_vs_fp, psnr_minus_ilp} on the testbed `model` (default or deep). held_out: the configuration's
     objective (one sampler step) on the trajectory states that neither the search (its SCORED_ROWS) nor
     tss+refine (its REFINE_ROWS) saw, the same states for every method. psnr_minus_ilp: PSNR vs FP minus the
-    ilp row's at the target, with its paired bootstrap interval (when ilp runs before it)."""
+    ilp row's at the target, with its paired bootstrap interval. With a lever row (LEVERS) and tss: also
+    psnr_minus_tss and held_out_db_minus_tss (10 log10 of tss's held-out objective over the row's: + is lower),
+    paired over the samples and over the held-out states."""
     unknown = [method for method in methods if method not in SEARCHES]
     if unknown:
         raise ValueError(f"unknown bench search method {unknown[0]!r}; known: {', '.join(SEARCHES)}")
@@ -128,7 +144,7 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
     calibration = load_or_collect(model, **recipe.calibration_options())
     states = load_or_record_states(model, **recipe.calibration_options())
     *_, held_out = split_rows(states, (SCORED_ROWS, REFINE_ROWS), model)
-    errors = {}
+    errors, held = {}, {}
     for target in targets:
         tss_evaluations = None
         for method in tqdm(methods, desc=f"search and sample ({target})"):
@@ -139,15 +155,20 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
             if method == "tss":
                 tss_evaluations = summary["evaluations"]
             quantized = quantize(model, config, recipe, calibration=calibration)
-            error = output_error(quantized, held_out, config)
+            held[target, method] = output_errors(quantized, held_out, config).double()
+            error = held[target, method].mean().item()
             images, _, _ = generate(quantized, num_samples, seed, progress=False)
             errors[target, method] = sample_errors(images, fp_images)
             rows.append({"target": target, "method": method, "evaluations": summary["evaluations"],
                          "seconds": summary["seconds"], "bops_bits": average_bits(config, model),
                          "search_metric": summary["metric"], "held_out": error,
                          **_quality(measure(images, labels, fp_images), "sfid")})
+    levers = "tss" in methods and any(method in LEVERS for method in methods)
     for row in rows:
         row["psnr_minus_ilp"] = _against(errors, row["target"], row["method"])
+        if levers:  # a lever's cost in quality: samples and the held-out objective (in dB: + is lower) against tss
+            row["psnr_minus_tss"] = _against(errors, row["target"], row["method"], "tss")
+            row["held_out_db_minus_tss"] = _against(held, row["target"], row["method"], "tss")
     return rows
 
 

@@ -17,6 +17,7 @@ model calls (steps) x rows per call (two where classifier-free guidance doubles 
 """
 import statistics
 import time
+from dataclasses import replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -27,7 +28,8 @@ from ..flags import number
 from ..models.adapters import adapter_for
 from ..models.families import FAMILIES
 from .objective import resume_block
-from .tree import expected_evaluations, scored_nodes
+from .schedule import as_schedule
+from .tree import expected_evaluations, scored_nodes, tree_levels
 
 # The ceiling a search may cost, in image equivalents (`--max-cost`, `max_cost=`).
 MAX_COST = number(float, 0, low_open=True)
@@ -64,14 +66,16 @@ def image_block_rows(model, sampling=None):
     return len(adapter.block_names(model)) * settings["steps"] * (2 if family.doubles(settings["cfg_scale"]) else 1)
 
 
-def tree_block_runs(space, queue_size, block_of, stop_block):
+def tree_block_runs(space, queue, block_of, stop_block, rows=None):
     """Blocks the tree search's scorer runs, counted from the nodes' candidate bounds. block_of: the
     block of each layer of `space`; stop_block(start, end): where a candidate's scoring stops
-    (ModelObjective's, or stop_after for a model not built)."""
+    (ModelObjective's, or stop_after for a model not built). queue: a queue size or a schedule.Schedule.
+    rows(level) -> rows a node of that level scores: the block-row runs instead (None: block runs)."""
     total = 0
-    for node in scored_nodes(space, queue_size):
+    for node in scored_nodes(space, queue):
         stop, first, middle = stop_block(node.start, node.end), block_of[node.start], block_of[node.middle]
-        total += node.groups * (stop - first) + (node.candidates - node.groups) * (stop - middle)
+        runs = node.groups * (stop - first) + (node.candidates - node.groups) * (stop - middle)
+        total += runs * (rows(node.level) if rows else 1)
     return total
 
 
@@ -88,24 +92,36 @@ def ilp_block_runs(space, block_of, depth):
     return sum(len(pairs) * (depth - block) for pairs, block in zip(space.candidates, block_of)) + depth
 
 
-def plan_tree_search(model, space, queue_size, rows, *, readout_blocks=1, sampling=None, seed_ilp=False):
-    """{evaluations, block_runs, rows, block_row_runs, image_block_rows, image_equivalents}: what a tree search
-    of `space` on `model` (FP or quantized) scoring `rows` model rows costs, from its structure alone, so it is
-    known before quantizing. seed_ilp: the integer program first, whose configuration every queue keeps
-    beyond `queue_size` (counted as one more place)."""
+def plan_tree_search(model, space, queue_size, rows, *, readout_blocks=1, sampling=None, seed_ilp=False, low_rows=None):
+    """{evaluations, block_runs, rows, low_rows, block_row_runs, image_block_rows, image_equivalents}: what a tree
+    search of `space` on `model` (FP or quantized) scoring `rows` model rows (`low_rows` at the schedule's low
+    levels; None: `rows`) costs, from its structure alone, so it is known before quantizing. queue_size: an int
+    or a schedule.Schedule. seed_ilp: the integer program first, whose configuration every queue keeps beyond
+    its size (counted as one more place)."""
     adapter = adapter_for(model)
     blocks = adapter.block_of(model)
     block_of = [blocks[name] for name in space.layers]
     depth = len(adapter.block_names(model))
-    queue = queue_size + 1 if seed_ilp else queue_size
-    evaluations = expected_evaluations(space, queue)
-    block_runs = tree_block_runs(space, queue, block_of, stop_after(block_of, depth, readout_blocks))
+    schedule = as_schedule(queue_size)
     if seed_ilp:
+        schedule = replace(schedule, queue_size=schedule.queue_size + 1,
+                           low_queue=schedule.low_queue + 1 if schedule.low_queue else None)
+    levels = len(tree_levels(len(space)))
+    low_rows = rows if low_rows is None else low_rows
+
+    def level_rows(level):
+        return low_rows if schedule.is_low(level, levels) else rows
+    evaluations = expected_evaluations(space, schedule)
+    stop = stop_after(block_of, depth, readout_blocks)
+    block_runs = tree_block_runs(space, schedule, block_of, stop)
+    block_row_runs = tree_block_runs(space, schedule, block_of, stop, level_rows)
+    if seed_ilp:
+        ilp_runs = ilp_block_runs(space, block_of, depth)
         evaluations += sum(len(pairs) for pairs in space.candidates) + 1
-        block_runs += ilp_block_runs(space, block_of, depth)
+        block_runs, block_row_runs = block_runs + ilp_runs, block_row_runs + ilp_runs * rows
     image = image_block_rows(model, sampling)
-    return {"evaluations": evaluations, "block_runs": block_runs, "rows": rows, "block_row_runs": block_runs * rows,
-            "image_block_rows": image, "image_equivalents": block_runs * rows / image}
+    return {"evaluations": evaluations, "block_runs": block_runs, "rows": rows, "low_rows": low_rows,
+            "block_row_runs": block_row_runs, "image_block_rows": image, "image_equivalents": block_row_runs / image}
 
 
 def check_cost(plan, max_cost):
@@ -146,22 +162,28 @@ def seconds_per_block(objective):
         return wall_seconds(run)
 
 
-def estimate_tree_search(objective, space, queue_size, *, sampling=None, seed_ilp=False):
-    """plan_tree_search for the objective's model, rows and readout, with seconds_per_block, seconds_per_image
-    (an image equivalent here) and seconds (the whole search): the estimate `treeq search` prints first."""
+def estimate_tree_search(objective, space, queue_size, *, sampling=None, seed_ilp=False, low_objective=None):
+    """plan_tree_search for the objective's model, rows and readout (the low levels on `low_objective`'s rows),
+    with seconds_per_block, seconds_per_image (an image equivalent here) and seconds (the whole search): the
+    estimate `treeq search` prints first. A block run's time is taken as proportional to its rows."""
     plan = plan_tree_search(objective.model, space, queue_size, objective.model_rows,
-                            readout_blocks=objective.readout_blocks, sampling=sampling, seed_ilp=seed_ilp)
+                            readout_blocks=objective.readout_blocks, sampling=sampling, seed_ilp=seed_ilp,
+                            low_rows=low_objective.model_rows if low_objective else None)
     seconds = seconds_per_block(objective)
-    return {**plan, "seconds_per_block": seconds, "seconds_per_image": seconds / plan["rows"] * plan["image_block_rows"],
-            "seconds": plan["block_runs"] * seconds}
+    per_row = seconds / plan["rows"]
+    return {**plan, "seconds_per_block": seconds, "seconds_per_image": per_row * plan["image_block_rows"],
+            "seconds": plan["block_row_runs"] * per_row}
 
 
 def describe(estimate):
     """One line: evaluations, block runs x rows = block-row runs = image equivalents, and their time here."""
     minutes = estimate["seconds"] / 60
     when = f"{minutes:,.0f} min" if minutes >= 1 else f"{estimate['seconds']:.2g} s"
+    rows = f"{estimate['rows']} rows"
+    if estimate.get("low_rows", estimate["rows"]) != estimate["rows"]:
+        rows += f" ({estimate['low_rows']} at the low levels)"
     return (f"search cost: at most {estimate['evaluations']:,} evaluations; about {estimate['block_runs']:,} block "
-            f"runs x {estimate['rows']} rows = {estimate['block_row_runs']:,} block-row runs = "
+            f"runs x {rows} = {estimate['block_row_runs']:,} block-row runs = "
             f"{estimate['image_equivalents']:,.1f} image equivalents (an image: {estimate['image_block_rows']:,} "
             f"block-row runs); {estimate['seconds_per_image']:.3g} s per image equivalent here (a block run timed: "
             f"{estimate['seconds_per_block']:.3g} s): about {when}")

@@ -63,6 +63,11 @@ def output_error(model, calibration, config, *, batch_size=64, metric=mse_per_ro
     """The objective of `config` with the whole model scored, against full precision, averaged over every row
     (state) of `calibration`: what a search's choice is judged by on rows it did not score. Leaves `model`
     at `config`."""
+    return output_errors(model, calibration, config, batch_size=batch_size, metric=metric).mean().item()
+
+
+def output_errors(model, calibration, config, *, batch_size=64, metric=mse_per_row):
+    """output_error row by row (state by state): what a paired comparison of two configurations resamples."""
     adapter = adapter_for(model)
     batches = batches_of(adapter, calibration, batch_size, next(model.parameters()).device)
 
@@ -72,8 +77,7 @@ def output_error(model, calibration, config, *, batch_size=64, metric=mse_per_ro
         set_bits_(model, {})
         reference = outputs()
         set_bits_(model, config)
-        errors = [metric(output, fp) for output, fp in zip(outputs(), reference)]
-    return torch.cat(errors).mean().item()
+        return torch.cat([metric(output, fp) for output, fp in zip(outputs(), reference)])
 
 
 def _tensors(value):

@@ -16,12 +16,14 @@ import torch
 
 from ..bits import layer_macs, save_config, uniform_config
 from ..io import atomic_write
+from ..models.adapters import adapter_for
 from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .estimate import MAX_COST, check_cost, describe, estimate_tree_search, image_block_rows, plan_tree_search
 from .objective import DEFAULT_READOUT, ModelObjective, model_rows, output_error
 from .refine import exchange, refine
+from .schedule import Schedule, block_levels
 from .space import DEFAULT_CANDIDATES, SearchSpace, budget_for, floored, parse_candidates
 from .state import LoggedScorer
 from .pareto import BUDGET_WINDOW
@@ -37,7 +39,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                candidates=None, calibration_rows=16, readout_blocks=1, readout=DEFAULT_READOUT, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
                calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0, floor=None,
-               max_cost=None):
+               max_cost=None, low_queue=None, low_rows=None, low_levels=None):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
@@ -54,7 +56,10 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     model, calibration: the full-precision model and its calibration inputs, when the caller holds them
     (the Python API); by default the recipe's model is loaded and its calibration collected (and cached).
     max_cost: tree search only: refuse (ValueError), before quantizing, a search planned above this many image
-    equivalents (estimate.plan_tree_search; None: no ceiling)."""
+    equivalents (estimate.plan_tree_search; None: no ceiling).
+    low_queue, low_rows, low_levels: tree search only: the levels below `low_levels` (None: those whose segments fit
+    in the smallest block, schedule.block_levels) keep `low_queue` candidates and score `low_rows` of the
+    calibration rows (None: queue_size, every row); schedule.Schedule."""
     from ..models.family_load import resize_
     from ..models.load import load
     from ..ptq.apply import quantize
@@ -73,6 +78,9 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
     _check_settings(out, method, resume, queue_size, evaluations, env_bits, max_cost)
+    Schedule(queue_size, low_levels or 0, low_queue, low_rows)  # refused before loading
+    if (low_queue or low_rows or low_levels is not None) and method != "tss":
+        raise ValueError(f"low_queue, low_rows and low_levels schedule a tree search (--method tss), not {method}")
     _check_rows(recipe or SEARCH_RECIPE, calibration_rows, refine_rows, calibration)
     if refine_rows is not None and not (refine_sweeps or exchange_rounds):
         raise ValueError("refine_rows are the rows a refinement scores; give refine_sweeps or exchange_rounds too")
@@ -102,9 +110,14 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     # A bad row count is refused before quantizing.
     rows, *refined, held_out = split_rows(scored, (calibration_rows, *([refine_rows] if refine_rows else [])), model)
     plan = None
+    block_of = adapter_for(model).block_of(model)
+    schedule = Schedule(queue_size, block_levels([block_of[name] for name in space.layers]) if low_levels is None
+                        else low_levels, low_queue, low_rows)
+    low = split_rows(rows, (low_rows,), model)[0] if low_rows and low_rows < num_rows(rows, model) else None
     if method == "tss":  # what the search will cost, refused above the ceiling before quantizing (hours at real size)
-        plan = plan_tree_search(model, space, queue_size, model_rows(rows, model), readout_blocks=readout_blocks,
-                                sampling=recipe.sampling, seed_ilp=seed_ilp)
+        plan = plan_tree_search(model, space, schedule, model_rows(rows, model), readout_blocks=readout_blocks,
+                                sampling=recipe.sampling, seed_ilp=seed_ilp,
+                                low_rows=model_rows(low, model) if low is not None else None)
         check_cost(plan, max_cost)
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None,
@@ -112,16 +125,20 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
     objective = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks,
                                readout=readout)
+    low_objective = None if low is None else ModelObjective(quantized, low, env_bits, readout_blocks=readout_blocks,
+                                                            readout=readout)
     spread = _spread(objective) if distributed else None
     scorer = spread or objective
+    low_scorer = None if low_objective is None else (_spread(low_objective) if distributed else low_objective)
     out = Path(out)
     stem = out.with_suffix("")
     log = log or f"{stem}.log.jsonl"
     hawq = None
     if method == "tss":
         if progress and writer and not resume:
-            print(describe(estimate_tree_search(objective, space, queue_size, sampling=recipe.sampling,
-                                                seed_ilp=seed_ilp)), file=sys.stderr, flush=True)
+            print(describe(estimate_tree_search(objective, space, schedule, sampling=recipe.sampling,
+                                                seed_ilp=seed_ilp, low_objective=low_objective)),
+                  file=sys.stderr, flush=True)
         if seed_ilp:
             # HAWQ's sensitivities, read where they are strongest: the rest of the network in full precision,
             # the objective at the model output (a block past the layer ranks them worse: docs/RESULTS.md)
@@ -129,9 +146,9 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             hawq = ilp(LoggedScorer(sensitivities, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs,
                        bits)
         seeds = [space.assignment(hawq.config)] if hawq else []
-        result = tree_search(scorer, space, costs, bits, queue_size=queue_size, state_path=f"{stem}.state.json",
+        result = tree_search(scorer, space, costs, bits, queue_size=schedule, state_path=f"{stem}.state.json",
                              log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds,
-                             budget_window=budget_window)
+                             budget_window=budget_window, low_scorer=low_scorer)
         if hawq:
             result = replace(result, method="tss+ilp", evaluations=result.evaluations + hawq.evaluations,
                              seconds=result.seconds + hawq.seconds)
@@ -144,7 +161,11 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
         else:
             result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
     # the search's own scoring: a refinement after it scores on the same objective and is not counted
-    block_runs = _over_ranks(objective.block_runs, spread) + (sensitivities.block_runs if hawq else 0)
+    # the spread scorers' counts are each rank's share; the integer program's (seed_ilp) ran whole on every rank
+    spread_parts, whole = [objective, *([low_objective] if low_objective else [])], [sensitivities] if hawq else []
+    block_runs = _over_ranks(sum(p.block_runs for p in spread_parts), spread) + sum(p.block_runs for p in whole)
+    block_row_runs = (_over_ranks(sum(p.block_runs * p.model_rows for p in spread_parts), spread)
+                      + sum(p.block_runs * p.model_rows for p in whole))
     refiner = ModelObjective(quantized, refined[0], env_bits, readout_blocks=None) if refined else scorer
     if exchange_rounds:
         result = exchange(refiner, space, costs, bits, result, exchange_rounds)
@@ -159,8 +180,10 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     "readout_blocks": readout_blocks, "readout": readout, "objective": objective.settings["objective"],
                     "cost": cost, "seed": seed,
                     "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "floor": floor, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
-                    "budget_window": budget_window if method == "tss" else None}
-        compute = _compute(block_runs, objective.model_rows, image_block_rows(model, recipe.sampling), plan)
+                    "budget_window": budget_window if method == "tss" else None,
+                    "schedule": schedule.to_dict() if method == "tss" else None}
+        compute = _compute(block_runs, block_row_runs, objective.model_rows, image_block_rows(model, recipe.sampling),
+                           plan)
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
                            "held_out_rows": num_rows(held_out, model), "compute": compute, "front": result.front},
                           indent=1)
@@ -173,12 +196,12 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     return result
 
 
-def _compute(block_runs, rows, image_rows, plan):
-    """The results' `compute`: the block runs the search's scoring ran (all ranks; a resumed search counts
-    what this run scored), on `rows` model rows each, in block-row runs and image equivalents (`image_rows`
-    block-row runs each), beside the block-row runs its plan printed (tree search)."""
-    return {"block_runs": block_runs, "rows": rows, "block_row_runs": block_runs * rows, "image_block_rows": image_rows,
-            "image_equivalents": block_runs * rows / image_rows,
+def _compute(block_runs, block_row_runs, rows, image_rows, plan):
+    """The results' `compute`: the block runs and block-row runs the search's scoring ran (all ranks; a resumed
+    search counts what this run scored; `rows` model rows a block run above the low levels), in image
+    equivalents (`image_rows` block-row runs each), beside the block-row runs its plan printed (tree search)."""
+    return {"block_runs": block_runs, "rows": rows, "block_row_runs": block_row_runs, "image_block_rows": image_rows,
+            "image_equivalents": block_row_runs / image_rows,
             "planned_block_row_runs": plan["block_row_runs"] if plan else None}
 
 

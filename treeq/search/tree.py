@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .cost import parse_target
 from .pareto import BUDGET_WINDOW, non_dominated_layers, pareto_drop
 from .result import SearchResult
+from .schedule import as_schedule
 from .space import budget_for
 from .state import SearchState
 
@@ -45,32 +46,36 @@ def tree_levels(num_leaves):
 class Node(NamedTuple):
     """A scored node of the tree as a search's cost sees it: its segment, where its children meet
     (a leaf: its start), and the candidates it scores at most, in `groups` runs that share the left
-    child's part (product order, left child major; a leaf: every candidate its own run)."""
+    child's part (product order, left child major; a leaf: every candidate its own run), at `level`."""
     start: int
     middle: int
     end: int
     candidates: int
     groups: int
+    level: int = 0
 
 
-def expected_evaluations(space, queue_size):
-    """Upper bound of the evaluations of a search (budget pruning only lowers it): the progress bar's total."""
-    return sum(node.candidates for node in scored_nodes(space, queue_size))
+def expected_evaluations(space, queue):
+    """Upper bound of the evaluations of a search (budget pruning only lowers it): the progress bar's total.
+    queue: a queue size or a schedule.Schedule."""
+    return sum(node.candidates for node in scored_nodes(space, queue))
 
 
-def scored_nodes(space, queue_size):
+def scored_nodes(space, queue):
     """Every scored node (leaves first) with the bound of its candidates: expected_evaluations node by
     node, from which the search's time is estimated before it scores (search/estimate.py)."""
+    schedule = as_schedule(queue)
     levels = tree_levels(len(space))
-    sizes = [min(queue_size, len(pairs)) for pairs in space.candidates]
+    kept = schedule.queue(0, len(levels))
+    sizes = [min(kept, len(pairs)) for pairs in space.candidates]
     nodes = [Node(i, i, i + 1, len(pairs), len(pairs)) for i, pairs in enumerate(space.candidates)]
-    for below, level in zip(levels, levels[1:]):
-        next_sizes = []
+    for index, (below, level) in enumerate(zip(levels, levels[1:]), start=1):
+        kept, next_sizes = schedule.queue(index, len(levels)), []
         for start, end, children in level:
             if len(children) == 2:
                 left, right = sizes[children[0]], sizes[children[1]]
-                nodes.append(Node(start, below[children[0]][1], end, left * right, left))
-                next_sizes.append(min(queue_size, left * right))
+                nodes.append(Node(start, below[children[0]][1], end, left * right, left, index))
+                next_sizes.append(min(kept, left * right))
             else:
                 next_sizes.append(sizes[children[0]])
         sizes = next_sizes
@@ -78,7 +83,7 @@ def scored_nodes(space, queue_size):
 
 
 def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, log_path=None, resume=False,
-                progress=True, chunk_size=64, writer=None, seeds=(), budget_window=BUDGET_WINDOW):
+                progress=True, chunk_size=64, writer=None, seeds=(), budget_window=BUDGET_WINDOW, low_scorer=None):
     """Search `space` for the lowest-metric configuration within `target` average bits.
 
     scorer.score(start, end, assignments) -> metrics: one per assignment, an assignment being the
@@ -93,14 +98,15 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     seeds: whole assignments within the budget (e.g. the integer program's) whose part in each node
     stays in its queue beyond `queue_size`: the root scores them and their mixes with the tree's
     own candidates, so it never ends above a seed's metric.
+    queue_size: an int, or a schedule.Schedule whose low levels keep their own queue and are scored by
+    `low_scorer` (the same objective on fewer rows; None: `scorer`).
     """
     budget = budget_for(space, cost, target)
     seeds = [tuple(tuple(pair) for pair in seed) for seed in seeds]
     if any(len(seed) != len(space) or not cost.within(cost.assignment_cost(space.layers, seed), budget)
            for seed in seeds):
         raise ValueError("a seed must assign every layer and keep the budget")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+    schedule = as_schedule(queue_size)
     if budget_window is not None and (isinstance(budget_window, bool) or not isinstance(budget_window, (int, float))
                                       or not budget_window >= 0):
         raise ValueError(f"budget_window must be None or a number of bits >= 0, got {budget_window!r}")
@@ -110,15 +116,19 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     cheapest = list(itertools.accumulate((min(costs) for costs in leaf_costs), initial=0))
     levels = tree_levels(len(space))
     settings = {"layers": space.layers, "candidates": space.candidates, "cost": cost.name, "budget": budget,
-                "queue_size": queue_size, "budget_window": budget_window, "scorer": getattr(scorer, "settings", None),
+                "queue_size": schedule.queue_size, "budget_window": budget_window, "scorer": getattr(scorer, "settings", None),
+                **({"schedule": schedule.to_dict(), "low_scorer": getattr(low_scorer, "settings", None)}
+                   if schedule != as_schedule(schedule.queue_size) else {}),
                 **({"seeds": [[list(pair) for pair in seed] for seed in seeds]} if seeds else {})}
     state = SearchState(settings, state_path, log_path, resume=resume, writer=writer)
     evaluations, started = state.evaluations, time.perf_counter()
-    bar = tqdm(total=expected_evaluations(space, queue_size), initial=evaluations, unit="eval",
+    bar = tqdm(total=expected_evaluations(space, schedule), initial=evaluations, unit="eval",
                disable=not (progress and writer), desc="tree search")
     below = []
     for level_index, level in enumerate(levels):
-        queues = []
+        queues, kept_size = [], schedule.queue(level_index, len(levels))
+        low = schedule.is_low(level_index, len(levels)) and low_scorer is not None
+        node_scorer = low_scorer if low else scorer
         for index, (start, end, children) in enumerate(level):
             saved = state.node(level_index, index)
             if saved is not None:
@@ -141,13 +151,13 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                 bar.update(len(metrics))
                 for first in range(len(metrics), len(feasible), chunk_size):
                     chunk = feasible[first:first + chunk_size]
-                    metrics += _score(scorer, start, end, [c.bits for c in chunk])
+                    metrics += _score(node_scorer, start, end, [c.bits for c in chunk])
                     bar.update(len(chunk))
                     if first + chunk_size < len(feasible):
                         state.save_progress(level_index, index, metrics)
                 evaluations += len(feasible)
                 scored = [c._replace(metric=m) for c, m in zip(feasible, metrics)]
-                kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], queue_size,
+                kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], kept_size,
                                             _window(cost, space.layers[start:end], target, budget_window))
                 protected = {seed[start:end] for seed in seeds}
                 kept = sorted(kept + [i for i in dropped if scored[i].bits in protected],
