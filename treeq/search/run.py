@@ -16,14 +16,13 @@ import torch
 
 from ..bits import layer_macs, save_config, uniform_config
 from ..io import atomic_write
-from ..models.adapters import adapter_for
 from ..ptq.recipe import Recipe
 from .baselines import evolutionary, greedy, ilp, random_search, uniform
 from .cost import cost_model, parse_target
 from .estimate import MAX_COST, check_cost, describe, estimate_tree_search, image_block_rows, plan_tree_search
 from .objective import DEFAULT_READOUT, ModelObjective, model_rows, output_error
 from .refine import exchange, refine
-from .schedule import Schedule, block_levels
+from .schedule import Schedule, model_schedule
 from .space import DEFAULT_CANDIDATES, SearchSpace, budget_for, floored, parse_candidates
 from .state import LoggedScorer
 from .pareto import BUDGET_WINDOW
@@ -110,9 +109,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     # A bad row count is refused before quantizing.
     rows, *refined, held_out = split_rows(scored, (calibration_rows, *([refine_rows] if refine_rows else [])), model)
     plan = None
-    block_of = adapter_for(model).block_of(model)
-    schedule = Schedule(queue_size, block_levels([block_of[name] for name in space.layers]) if low_levels is None
-                        else low_levels, low_queue, low_rows)
+    schedule = model_schedule(model, space.layers, queue_size, low_levels, low_queue, low_rows)
     low = split_rows(rows, (low_rows,), model)[0] if low_rows and low_rows < num_rows(rows, model) else None
     if method == "tss":  # what the search will cost, refused above the ceiling before quantizing (hours at real size)
         plan = plan_tree_search(model, space, schedule, model_rows(rows, model), readout_blocks=readout_blocks,

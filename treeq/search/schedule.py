@@ -53,3 +53,13 @@ def block_levels(block_of):
         sizes[block] = sizes.get(block, 0) + 1
     smallest = min(sizes.values())
     return smallest.bit_length()  # 2**(levels - 1) <= smallest
+
+
+def model_schedule(model, layers, queue_size=16, low_levels=None, low_queue=None, low_rows=None):
+    """The Schedule of a search over `layers` of `model`: low_levels None = block_levels of its blocks."""
+    if low_levels is None:
+        from ..models.adapters import adapter_for
+
+        blocks = adapter_for(model).block_of(model)
+        low_levels = block_levels([blocks[name] for name in layers])
+    return Schedule(queue_size, low_levels, low_queue, low_rows)
