@@ -8,7 +8,7 @@
 # kernel, bf16 eager and compiled; under 10 minutes) or search (the search at DiT-XL/2's cost: a full
 # tree search needs most of a 15-minute lease), families (a random full-size SD3 quantized in bf16 with GPTQ
 # at 256 px and sampled: time and peak GPU memory against the printed memory plan) or search-families (the
-# default search on that SD3 at 256 px, printed cost against what it ran). Default: families,
+# default search on that SD3 at 256 px, printed cost against what it ran, then with the tss-fast levers). Default: families,
 # search-families, deploy, search, then the 1,000-sample run.
 # The device image has torch and Triton but not torchao or diffusers: carry their wheels (see the device
 # notes); without torchao the torchao rows say so in an `error` row and the rest still runs.
@@ -17,7 +17,7 @@ expanded=""
 for word in ${STEPS:-families search-families deploy search sample1000}; do  # groups into their steps
   case $word in
     families) expanded+=" families_init families_quantize families_sample" ;;
-    search-families) expanded+=" search_families" ;;
+    search-families) expanded+=" search_families search_families_fast" ;;
     deploy) expanded+=" gpu_kernels xl xl_compiled" ;;
     search) expanded+=" search_cost search" ;;
     *) expanded+=" $word" ;;
@@ -75,6 +75,12 @@ step search_families 540 $PY -m treeq search --model "$WORK/sd3" --dtype bfloat1
 kill %1 2>/dev/null
 echo "search_families: peak GPU MiB (nvidia-smi): $(sort -n "$OUT/search_families_gpu_mb.txt" 2>/dev/null | tail -1);" \
      "compute: $(grep -o '"image_equivalents": [0-9.e+-]*' "$WORK"/sd3-search/bits.results.json 2>/dev/null)"
+# The same search with the cost levers of bench search's tss-fast (a tenth of the default at real size).
+step search_families_fast 300 $PY -m treeq search --model "$WORK/sd3" --dtype bfloat16 --height 256 --width 256 \
+    --steps 8 --calibration-images 4 --calibration-timesteps 4 --target W4A4 --device $DEVICE --readout-blocks 0 \
+    --low-rows 4 --queue-size 8 --low-queue 4 --out "$WORK/sd3-search-fast/bits.json"
+echo "search_families_fast: compute: $(grep -o '"image_equivalents": [0-9.e+-]*' \
+     "$WORK"/sd3-search-fast/bits.results.json 2>/dev/null)"
 # Linear shapes: fp32, tf32, bf16, int8, the fused W4A8 Triton kernel bare and with a low-rank branch.
 [ "$DEVICE" = cuda ] && step gpu_kernels 90 $PY -m treeq bench gpu-kernels --json
 # End to end, seconds per sampling step and peak memory; eager, then the compiled settings apart (compilation).
