@@ -13,7 +13,8 @@ def test_levers_are_planned_beside_the_default():
     rows = {row["search"]: row for row in bench_search_plan(["sana"], levers=("tss", "tss-end", "tss-lowq", "tss-fast"))}
     model = meta_transformer("sana")
     space = SearchSpace.build(list(uniform_config(model, 8, 8)), DEFAULT_CANDIDATES[4.0])
-    default = plan_tree_search(model, space, 16, 16, sampling={"steps": rows["tss"]["steps"]})
+    default = plan_tree_search(model, space, 16, 32, sampling={"steps": rows["tss"]["steps"]})  # 16 guided states
+    assert rows["tss"]["rows"] == 32
     assert rows["tss"]["image_equivalents"] == default["image_equivalents"] and rows["tss"]["cut"] == 1
     assert rows["tss-end"]["evaluations"] == default["evaluations"] > rows["tss-lowq"]["evaluations"]
     assert rows["tss-end"]["block_runs"] < default["block_runs"]
@@ -24,6 +25,7 @@ def test_levers_are_planned_beside_the_default():
 
 def test_flux_dev_fast_search_is_planned_at_a_tenth():
     rows = {(row["steps"], row["search"]): row for row in bench_search_plan(["flux"], levers=("tss", "tss-fast"))}
+    assert rows[28, "tss"]["rows"] == 16  # FLUX.1 embeds its guidance: one row a state
     assert rows[28, "tss"]["image_equivalents"] == pytest.approx(2129.8, abs=0.1)
     assert rows[28, "tss-fast"]["image_equivalents"] <= 200 and rows[28, "tss-fast"]["cut"] >= 10
 

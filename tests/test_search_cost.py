@@ -124,8 +124,9 @@ def test_a_ceiling_is_positive_and_bounds_the_tree_search_only(tiny_path, tmp_pa
 
 
 def test_search_bits_refuses_above_max_cost_and_reports_what_a_family_ran(tmp_path, monkeypatch):
-    """A text-to-image family: calibration rows are model rows (both halves of the guided batch), an image is
-    blocks x steps x 2 rows at the folder's guidance; the printed plan equals the run at queue 1 and 8 bits."""
+    """A text-to-image family: its scored rows are trajectory states of two model rows (both halves of the guided
+    batch), an image is blocks x steps x 2 rows at the folder's guidance; the printed plan equals the run at
+    queue 1 and 8 bits."""
     monkeypatch.chdir(tmp_path)
     model = load(init_pipeline_folder("pixart", tmp_path / "pixart"))
     calibration = collect_calibration(model, num_images=1, num_timesteps=2)
@@ -136,7 +137,7 @@ def test_search_bits_refuses_above_max_cost_and_reports_what_a_family_ran(tmp_pa
     assert not (tmp_path / "refused.json").exists()
     treeq.search_bits(model, calibration, "8", out=tmp_path / "bits.json", max_cost=1e6, **options)
     compute = json.loads((tmp_path / "bits.results.json").read_text())["compute"]
-    assert compute["planned_block_row_runs"] == compute["block_row_runs"] > 0 and compute["rows"] == 2
+    assert compute["planned_block_row_runs"] == compute["block_row_runs"] > 0 and compute["rows"] == 2 * 2
     blocks = len(adapter_for(model).block_names(model))
     assert compute["image_block_rows"] == blocks * 4 * 2  # 4 steps, guidance 4.5 doubling the batch
 

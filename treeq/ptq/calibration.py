@@ -19,6 +19,7 @@ from ..models.adapters.dit import DiTAdapter
 from ..diffusion.defaults import sampling_defaults
 from ..diffusion.pipelines import collect_pipeline_calibration, is_pipeline_model, pipeline_settings
 from ..diffusion.sampling import balanced_labels, kept_steps, sample
+from ..diffusion.pipeline_states import PIPELINE_STATES_VERSION, PipelineStates, record_pipeline_states
 from ..diffusion.trajectory import STATES_VERSION, TrajectoryStates, record_states
 
 # Where calibration sets and trajectory states are cached: $TREEQ_CACHE_DIR (`--cache-dir`), else this.
@@ -157,6 +158,13 @@ class _States:
 
 
 def load_or_record_states(model, folder=None, **options):
-    """The trajectory states of the calibration set's trajectories (diffusion/trajectory.py), cached beside it."""
+    """The trajectory states of the calibration set's trajectories, cached beside it: our sampler's
+    (diffusion/trajectory.py), or a text-to-image family's pipeline's (diffusion/pipeline_states.py)."""
+    if is_pipeline_model(model):
+        return _cached(model, folder, "pipeline-states-", {**options, "states_version": PIPELINE_STATES_VERSION},
+                       lambda: record_pipeline_states(model, **options), PipelineStates.to_dict, PipelineStates.from_dict)
+    if options.get("prompts"):
+        raise ValueError(f"prompts condition text-to-image families; {type(model).__name__} is class-conditional")
+    options.pop("prompts", None)
     return _cached(model, folder, "states-", {**options, "states_version": STATES_VERSION},
                    lambda: record_states(model, **options), TrajectoryStates.to_dict, TrajectoryStates.from_dict)

@@ -61,9 +61,14 @@ def image_block_rows(model, sampling=None):
     """Block-row runs of sampling one image at `model`'s sampling settings with the overrides `sampling` (a
     recipe's): blocks x steps x 2 where guidance doubles the batch. The unit of image equivalents."""
     adapter = adapter_for(model)
-    family = IMAGE_SAMPLING.get(adapter.family, PIPELINE_SAMPLING)
-    settings = family.settings(model, **(sampling or {}))
-    return len(adapter.block_names(model)) * settings["steps"] * (2 if family.doubles(settings["cfg_scale"]) else 1)
+    settings = IMAGE_SAMPLING.get(adapter.family, PIPELINE_SAMPLING).settings(model, **(sampling or {}))
+    return len(adapter.block_names(model)) * settings["steps"] * state_rows(model, sampling)
+
+
+def state_rows(model, sampling=None):
+    """Model rows of one trajectory state (and of one image's model call): 2 where guidance doubles the batch."""
+    family = IMAGE_SAMPLING.get(adapter_for(model).family, PIPELINE_SAMPLING)
+    return 2 if family.doubles(family.settings(model, **(sampling or {}))["cfg_scale"]) else 1
 
 
 def tree_block_runs(space, queue, block_of, stop_block, rows=None):

@@ -219,13 +219,9 @@ def _over_ranks(count, spread):
 
 def objective_rows(model, calibration, recipe):
     """What every method's objective is scored on: trajectory states of the calibration trajectories (the
-    error of one sampler step), where the model samples through our loop (the DiT); the calibration rows
-    themselves (model-output MSE) for the text-to-image families, whose pipelines guide in their own code."""
-    from ..diffusion.pipelines import is_pipeline_model
+    error of one sampler step), recorded through our sampling loop (the DiT) or the family's own pipeline."""
     from ..ptq.calibration import load_or_record_states
 
-    if is_pipeline_model(model):
-        return calibration
     return load_or_record_states(model, **recipe.calibration_options())
 
 
