@@ -66,7 +66,7 @@ def _family_search(rank, world_size, folder, pipeline):
         model = load(pipeline)
         recipe = dataclasses.replace(SEARCH_RECIPE, model=str(pipeline))
         result = run_search(recipe, "W4A4", "tss", out=folder / "ranks" / "bits.json", queue_size=2,
-                            calibration_rows=4, model=model, progress=False,
+                            calibration_rows=4, low_rows=2, model=model, progress=False,
                             calibration=collect_calibration(model, num_images=2, num_timesteps=2))
         (folder / f"family{rank}.json").write_text(json.dumps({"config": result.config, "metric": result.metric}))
     finally:
@@ -74,7 +74,8 @@ def _family_search(rank, world_size, folder, pipeline):
 
 
 def test_a_familys_search_on_two_ranks_equals_one_process(tmp_path):
-    """A tiny PixArt's tree search, candidates split over 2 gloo ranks: the single process's configuration."""
+    """A tiny PixArt's tree search, candidates split over 2 gloo ranks (its low levels' scorer too, on 2 of the
+    4 states): the single process's configuration."""
     import dataclasses
 
     from treeq.models.families import init_pipeline_folder
@@ -85,7 +86,7 @@ def test_a_familys_search_on_two_ranks_equals_one_process(tmp_path):
     pipeline = init_pipeline_folder("pixart", tmp_path / "pixart")
     model = load(pipeline)
     alone = run_search(dataclasses.replace(SEARCH_RECIPE, model=str(pipeline)), "W4A4", "tss",
-                       out=tmp_path / "alone" / "bits.json", queue_size=2, calibration_rows=4, model=model,
+                       out=tmp_path / "alone" / "bits.json", queue_size=2, calibration_rows=4, low_rows=2, model=model,
                        progress=False, calibration=collect_calibration(model, num_images=2, num_timesteps=2))
     mp.spawn(_family_search, args=(2, tmp_path, pipeline), nprocs=2, join=True)
     for rank in range(2):
