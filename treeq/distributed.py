@@ -54,3 +54,60 @@ def barrier():
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _group():
+    """(rank, world_size) of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def image_share(num_images):
+    """The images (indices, contiguous, in order) this rank records when a recording is split over the process
+    group; all of them alone or when there are fewer images than ranks."""
+    rank, world_size = _group()
+    if world_size == 1 or num_images < world_size:
+        return torch.arange(num_images)
+    return torch.tensor_split(torch.arange(num_images), world_size)[rank]
+
+
+def split_recording(num_images):
+    """Whether image_share splits a recording of `num_images` over ranks."""
+    return len(image_share(num_images)) < num_images
+
+
+def gather_steps(steps):
+    """Every rank's records of a split recording, step by step: [[rank 0's step s, rank 1's step s, ...], ...]
+    (all ranks record the same steps); [[step s]] alone."""
+    _, world_size = _group()
+    if world_size == 1:
+        return [[step] for step in steps]
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, steps)
+    if len({len(records) for records in everyone}) != 1:
+        raise RuntimeError("the ranks of a split recording recorded different numbers of steps")
+    return [list(parts) for parts in zip(*everyone)]
+
+
+def merge_halves(parts, halves):
+    """One tensor from each rank's rows of one model call, as the whole batch would hold them: each part is
+    `halves` blocks of its images' rows (a guided batch: conditional and null, or null and conditional); the
+    blocks are joined over ranks, half by half."""
+    if halves == 1:
+        return torch.cat(parts)
+    return torch.cat([torch.cat([part.chunk(halves)[half] for part in parts]) for half in range(halves)])
+
+
+def decide(value):
+    """Rank 0's `value` on every rank (e.g. whether a cache file exists: every rank then takes the same path)."""
+    _, world_size = _group()
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def is_writer():
+    return _group()[0] == 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..distributed import gather_steps, image_share, split_recording
 from ..models.adapters import CallInputs, adapter_for
 from .sampling import kept_steps, sample_generators
 from .trajectory import PROBE, TrajectoryStates
@@ -79,11 +80,12 @@ def record_pipeline_states(transformer, num_images=8, num_timesteps=4, seed=1234
     keep = kept_steps(steps, min(num_timesteps, steps))
     adapter = adapter_for(transformer)
     recorder = _Recorder(transformer, pipeline.scheduler, adapter.shared_keys, keep)
-    call = _call_kwargs(pipeline, settings, _cycled(prompts or DEFAULT_PROMPTS, num_images),
-                        sample_generators(seed, range(num_images)))
+    share = image_share(num_images)  # under torchrun each rank records its images, then the steps are joined
+    call = _call_kwargs(pipeline, settings, [_cycled(prompts or DEFAULT_PROMPTS, num_images)[i] for i in share],
+                        sample_generators(seed, share))
     with recorder:
         pipeline(**{**call, "num_inference_steps": steps})
-    return recorder.states(num_images, float(settings["cfg_scale"]))
+    return recorder.states(len(share), float(settings["cfg_scale"]), split_recording(num_images))
 
 
 class _Recorder:
@@ -136,8 +138,9 @@ class _Recorder:
             return result[0].float()
         return (advance(copies[0], model_output + PROBE) - advance(copies[1], model_output - PROBE)) / (2 * PROBE)
 
-    def states(self, num_images, cfg_scale):
-        """PipelineStates of the kept steps, each checked against what its scheduler consumed."""
+    def states(self, num_images, cfg_scale, split=False):
+        """PipelineStates of the kept steps, each checked against what its scheduler consumed; split: this
+        rank's share of a recording split over ranks, joined step by step (states are state-major)."""
         inputs, weights = [], []
         rows_per_state = None
         for calls, consumed, sensitivity in self.kept:
@@ -153,6 +156,10 @@ class _Recorder:
             weights.append(sensitivity)
         if not inputs:
             raise ValueError("the pipeline ran no kept denoising step")
+        if split:
+            steps = gather_steps(list(zip(inputs, weights)))
+            inputs = [CallInputs.concat([rank[0] for rank in ranks]) for ranks in steps]
+            weights = [torch.cat([rank[1] for rank in ranks]) for ranks in steps]
         return PipelineStates(CallInputs.concat(inputs), torch.cat(weights), rows_per_state, cfg_scale,
                               weights[0].shape[1])
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..distributed import gather_steps, image_share, merge_halves, split_recording
 from ..models.adapters import CallInputs, adapter_for
 from .sampling import kept_steps, sample_generators
 
@@ -119,15 +120,27 @@ def collect_pipeline_calibration(transformer, num_images=8, num_timesteps=4, see
     (prompts cycled from `prompts`, default DEFAULT_PROMPTS), through the pipeline of its folder."""
     settings = pipeline_settings(transformer, **sampling)
     pipeline = load_pipeline(transformer)
-    prompts = _cycled(prompts or DEFAULT_PROMPTS, num_images)
-    return record_calibration(pipeline, num_timesteps, steps=settings["steps"],
-                              **_call_kwargs(pipeline, settings, prompts, sample_generators(seed, range(num_images))))
+    share = image_share(num_images)  # under torchrun each rank records its images, then the calls are joined
+    prompts = [_cycled(prompts or DEFAULT_PROMPTS, num_images)[i] for i in share]
+    call = _call_kwargs(pipeline, settings, prompts, sample_generators(seed, share))
+    if not split_recording(num_images):
+        return record_calibration(pipeline, num_timesteps, steps=settings["steps"], **call)
+    calls = record_calibration(pipeline, num_timesteps, steps=settings["steps"], joined=False, **call)
+    halves = [len(own) // len(share) for own in calls]  # a guided call runs its null rows, then its conditional rows
+    return CallInputs.concat([merge_calls(parts, half) for parts, half in zip(gather_steps(calls), halves)])
+
+
+def merge_calls(parts, halves):
+    """One call's CallInputs from each rank's share of its rows (`halves` blocks of images each)."""
+    return CallInputs({key: merge_halves([part.batched[key] for part in parts], halves) for key in parts[0].batched},
+                      parts[0].shared)
 
 
 @torch.no_grad()
-def record_calibration(pipeline, num_timesteps=None, *, steps, **call):
+def record_calibration(pipeline, num_timesteps=None, *, steps, joined=True, **call):
     """CallInputs of `pipeline.transformer` at `num_timesteps` evenly spaced of its `steps` denoising steps
-    (None: every step) while `pipeline(**call)` runs; both halves of a guided batch are kept."""
+    (None: every step) while `pipeline(**call)` runs; both halves of a guided batch are kept. joined=False:
+    the list of the kept calls' CallInputs."""
     num_timesteps = steps if num_timesteps is None else num_timesteps
     keep = kept_steps(steps, num_timesteps)
     transformer = pipeline.transformer
@@ -151,7 +164,7 @@ def record_calibration(pipeline, num_timesteps=None, *, steps, **call):
         pipeline(**{**call, "num_inference_steps": steps})
     finally:
         handle.remove()
-    return CallInputs.concat(calls)
+    return CallInputs.concat(calls) if joined else calls
 
 
 def _timestep_key(timestep):

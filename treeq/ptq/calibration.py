@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import barrier, decide, gather_steps, image_share, is_writer, merge_halves, split_recording
 from ..io import atomic_write
 from ..models.adapters import CallInputs, adapter_for
 from ..models.adapters.dit import DiTAdapter
@@ -72,8 +73,13 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, promp
             records.append((x.cpu(), t.cpu(), y.cpu()))
         call[0] += 1
 
-    labels = balanced_labels(num_images, model.config.num_classes)
-    sample(model, labels, seed=seed, progress=False, on_model_input=record, batch_size=num_images, **settings)
+    share = image_share(num_images)  # under torchrun each rank samples its images, then the steps are joined
+    labels = balanced_labels(num_images, model.config.num_classes)[share]
+    sample(model, labels, seed=seed, progress=False, on_model_input=record, batch_size=len(share), indices=share,
+           **settings)
+    if split_recording(num_images):
+        halves = len(records[0][0]) // len(share)  # a guided step runs the conditional rows, then the null rows
+        records = [tuple(merge_halves(list(parts), halves) for parts in zip(*ranks)) for ranks in gather_steps(records)]
     return tuple(torch.cat(parts) for parts in zip(*records))
 
 
@@ -93,11 +99,13 @@ def _cached(model, folder, tag, keyed, make, saved, loaded):
     of `keyed`; a new file is announced."""
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
     path = cache_dir(folder) / f"{model_fingerprint(model)}-{tag}{key}.pt"
-    if path.exists():
+    if decide(path.exists()):  # rank 0's view under torchrun: every rank loads, or every rank records its share
         return loaded(torch.load(path, weights_only=True))
     value = make()
-    atomic_write(path, lambda p: torch.save(saved(value), p))
-    _announce(path)
+    if is_writer():
+        atomic_write(path, lambda p: torch.save(saved(value), p))
+        _announce(path)
+    barrier()  # the file is whole before any rank goes on
     return value
 
 

@@ -99,13 +99,10 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     device = _device() if device is None else torch.device(device)
     model = model.to(device)
     writer = not distributed or torch.distributed.get_rank() == 0
-    if distributed and not writer:
-        torch.distributed.barrier()  # rank 0 collects (and caches) the calibration set and its states first
+    # under torchrun every rank records its share of the calibration images, rank 0 caches the joined set
     if calibration is None:
         calibration = load_or_collect(model, **recipe.calibration_options())
-    scored = objective_rows(model, calibration, recipe)  # recorded once, by rank 0, then read from its cache
-    if distributed and writer:
-        torch.distributed.barrier()
+    scored = objective_rows(model, calibration, recipe)
     # A bad row count is refused before quantizing.
     rows, *refined, held_out = split_rows(scored, (calibration_rows, *([refine_rows] if refine_rows else [])), model)
     plan = None
