@@ -81,3 +81,20 @@ def test_flux_states_have_no_null_row_and_the_objective_reads_them(models):
     assert objective.settings["objective"] == "sampler_step"
     low, high = (objective.score(0, 1, [((3, 3),), ((8, 8),)]))
     assert low > high >= 0
+
+
+def test_a_search_scoring_every_state_holds_none_out(models, tmp_path, monkeypatch):
+    """4 images x 4 steps record 16 states; a search scoring all 16 has no held-out figure (and no error)."""
+    import dataclasses
+
+    from treeq.search.run import SEARCH_RECIPE, run_search
+
+    monkeypatch.chdir(tmp_path)
+    model = models["flux"]
+    recipe = dataclasses.replace(SEARCH_RECIPE, model=model.source["path"], calibration_images=4)
+    run_search(recipe, "W4A4", "greedy", out=tmp_path / "bits.json", calibration_rows=16, model=model,
+               progress=False)
+    import json
+    results = json.loads((tmp_path / "bits.results.json").read_text())
+    assert results["held_out_metric"] is None and results["held_out_rows"] == 0
+    assert results["settings"]["objective"] == "sampler_step"

@@ -34,6 +34,8 @@ class PipelineStates(TrajectoryStates):
 
     def select(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
+        if not len(index):  # no states (e.g. nothing held out): CallInputs holds at least one row, and none is read
+            return replace(self, weights=self.weights[index])
         rows = (index[:, None] * self.rows_per_state + torch.arange(self.rows_per_state)).flatten()
         return replace(self, inputs=self.inputs.select(rows), weights=self.weights[index])
 
