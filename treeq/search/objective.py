@@ -1,15 +1,14 @@
 """The model scorer of the search: the error of what the sampler uses, under Environmental Noise Guidance.
 
-Scored on trajectory states (diffusion/trajectory.py), a configuration's error is that of the latent after
-one sampler step from full-precision states: guidance applied as the sampler applies it, only the output
-channels the sampler reads, weighted by how much the step moves with them: our DiT's sampler, or a text-to-image
-family's own pipeline (diffusion/pipeline_states.py). (Scored on plain calibration rows, it is the MSE of the
-model output.) While a segment of layers is
-scored, every other quantizable layer runs at `env_bits` (ENG, TreeQ paper; 32 = full precision). A DiT is a
-chain of blocks (its family's adapter runs it in pieces), so the state entering the segment's first block
-depends only on the environment: it is cached per (block, env_bits) and each candidate runs from that block
-on, to the output or (readout_blocks) a few blocks past the segment; blocks before the first layer where a
-candidate differs from the previous one are not run again.
+Scored on trajectory states, a configuration's error is that of the latent after one sampler step from
+full-precision states: guidance applied as the sampler applies it, only the output channels the sampler reads,
+weighted by how much the step moves with them; the sampler is our DiT's (diffusion/trajectory.py) or a
+text-to-image family's own pipeline (diffusion/pipeline_states.py). (Scored on plain calibration rows, it is the
+MSE of the model output.) While a segment of layers is scored, every other quantizable layer runs at `env_bits`
+(ENG, TreeQ paper; 32 = full precision). A DiT is a chain of blocks (its family's adapter runs it in pieces), so
+the state entering the segment's first block depends only on the environment: it is cached per (block,
+env_bits) and each candidate runs from that block on, to the output or (readout_blocks) a few blocks past the
+segment; blocks before the first layer where a candidate differs from the previous one are not run again.
 """
 import torch
 
