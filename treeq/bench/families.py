@@ -352,7 +352,7 @@ def tiny_fidelity_rows(name, *, calibration_images=4, num_samples=4, queue_size=
     rows += [_row(name, "tiny", "TreeQ average bits (BOPs)", result.average_bits, "bits", "measured",
                   f"uniform: {average_bits(preset_config(model, 'W4A4'), model):.3f}"),
              _row(name, "tiny", "TreeQ search", result.seconds, "s", "measured",
-                  f"{result.evaluations} evaluations, queue {queue_size}, {calibration_rows} rows; "
+                  f"{result.evaluations} evaluations, queue {queue_size}, {calibration_rows} trajectory states; "
                   f"uniform quantize {uniform_s:.1f} s")]
     return rows
 
