@@ -49,12 +49,18 @@ def is_pipeline_model(model):
     return bool(getattr(adapter_for(model), "pipeline", ""))
 
 
+def has_pipeline_folder(transformer):
+    """Whether `transformer` knows the pipeline folder it came from (load_pipeline can rebuild its pipeline)."""
+    folder = getattr(transformer, "source", {}).get("path")
+    return folder is not None and (Path(folder) / "model_index.json").exists()
+
+
 def load_pipeline(transformer):
     """The family's pipeline from the folder the transformer came from, running `transformer` itself."""
     import diffusers
 
     folder = getattr(transformer, "source", {}).get("path")
-    if folder is None or not (Path(folder) / "model_index.json").exists():
+    if not has_pipeline_folder(transformer):
         raise ValueError(f"{type(transformer).__name__} needs the pipeline folder it came from (model_index.json "
                          "beside transformer/, vae/, text encoders) to calibrate or sample")
     diffusers.utils.logging.disable_progress_bar()

@@ -216,9 +216,16 @@ def _over_ranks(count, spread):
 
 def objective_rows(model, calibration, recipe):
     """What every method's objective is scored on: trajectory states of the calibration trajectories (the
-    error of one sampler step), recorded through our sampling loop (the DiT) or the family's own pipeline."""
+    error of one sampler step), recorded through our sampling loop (the DiT) or the family's own pipeline.
+    A family transformer handed over without its pipeline folder (the Python API's pipe.transformer) cannot
+    record them: it is scored on the calibration rows given (model-output MSE), and says so."""
+    from ..diffusion.pipelines import has_pipeline_folder, is_pipeline_model
     from ..ptq.calibration import load_or_record_states
 
+    if is_pipeline_model(model) and not has_pipeline_folder(model):
+        print("search objective: the model-output MSE of the calibration rows given (the transformer came without "
+              "its pipeline folder, so the sampler's trajectory states cannot be recorded)", file=sys.stderr)
+        return calibration
     return load_or_record_states(model, **recipe.calibration_options())
 
 
