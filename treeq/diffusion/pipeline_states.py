@@ -36,12 +36,11 @@ class PipelineStates(TrajectoryStates):
         index = torch.as_tensor(index, dtype=torch.long)
         if not len(index):  # no states (e.g. nothing held out): CallInputs holds at least one row, and none is read
             return replace(self, weights=self.weights[index])
-        rows = (index[:, None] * self.rows_per_state + torch.arange(self.rows_per_state)).flatten()
-        return replace(self, inputs=self.inputs.select(rows), weights=self.weights[index])
+        return replace(self, inputs=self.inputs.select(self.rows_of(index)), weights=self.weights[index])
 
     def batches(self, states_per_batch, device=None):
         for start in range(0, len(self), states_per_batch):
-            rows = slice(start * self.rows_per_state, (start + states_per_batch) * self.rows_per_state)
+            rows = self.rows_of(slice(start, start + states_per_batch))
             yield self.inputs.kwargs(rows, device), self.weights[start:start + states_per_batch].to(device)
 
     def consumed(self, output, weights):

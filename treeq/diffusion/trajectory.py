@@ -38,15 +38,20 @@ class TrajectoryStates:
     def select(self, index):
         """The states at `index` (with their model rows)."""
         index = torch.as_tensor(index, dtype=torch.long)
-        rows = (index[:, None] * self.rows_per_state + torch.arange(self.rows_per_state)).flatten()
-        return replace(self, inputs=tuple(part[rows] for part in self.inputs), weights=self.weights[index])
+        return replace(self, inputs=tuple(part[self.rows_of(index)] for part in self.inputs), weights=self.weights[index])
 
     def batches(self, states_per_batch, device=None):
         """(model inputs, weights) of consecutive states, `states_per_batch` at a time."""
         for start in range(0, len(self), states_per_batch):
-            rows = slice(start * self.rows_per_state, (start + states_per_batch) * self.rows_per_state)
+            rows = self.rows_of(slice(start, start + states_per_batch))
             yield (tuple(part[rows].to(device) for part in self.inputs),
                    self.weights[start:start + states_per_batch].to(device))
+
+    def rows_of(self, states):
+        """The model rows of `states` (an index tensor, or a slice of consecutive states): state-major."""
+        if isinstance(states, slice):
+            return slice(states.start * self.rows_per_state, states.stop * self.rows_per_state)
+        return (states[:, None] * self.rows_per_state + torch.arange(self.rows_per_state)).flatten()
 
     def consumed(self, output, weights):
         """The latent change one sampler step makes from the model's `output` rows of these states, up to a
