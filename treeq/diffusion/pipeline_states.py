@@ -82,8 +82,8 @@ def record_pipeline_states(transformer, num_images=8, num_timesteps=4, seed=1234
     adapter = adapter_for(transformer)
     recorder = _Recorder(transformer, pipeline.scheduler, adapter.shared_keys, keep)
     share = image_share(num_images)  # under torchrun each rank records its images, then the steps are joined
-    call = _call_kwargs(pipeline, settings, [_cycled(prompts or DEFAULT_PROMPTS, num_images)[i] for i in share],
-                        sample_generators(seed, share))
+    cycled = _cycled(prompts or DEFAULT_PROMPTS, num_images)
+    call = _call_kwargs(pipeline, settings, [cycled[i] for i in share], sample_generators(seed, share))
     with recorder:
         pipeline(**{**call, "num_inference_steps": steps})
     return recorder.states(len(share), float(settings["cfg_scale"]), split_recording(num_images))

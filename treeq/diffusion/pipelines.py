@@ -127,7 +127,8 @@ def collect_pipeline_calibration(transformer, num_images=8, num_timesteps=4, see
     settings = pipeline_settings(transformer, **sampling)
     pipeline = load_pipeline(transformer)
     share = image_share(num_images)  # under torchrun each rank records its images, then the calls are joined
-    prompts = [_cycled(prompts or DEFAULT_PROMPTS, num_images)[i] for i in share]
+    cycled = _cycled(prompts or DEFAULT_PROMPTS, num_images)
+    prompts = [cycled[i] for i in share]
     call = _call_kwargs(pipeline, settings, prompts, sample_generators(seed, share))
     if not split_recording(num_images):
         return record_calibration(pipeline, num_timesteps, steps=settings["steps"], **call)

@@ -5,6 +5,7 @@ block. A schedule lets those levels keep a shorter queue (`low_queue`: fewer pro
 and score fewer calibration rows (`low_rows`: each candidate costs less), while the levels above keep the full
 queue and every row, the root included. Plain ints still mean "queue_size at every level, every row".
 """
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 
@@ -32,10 +33,6 @@ class Schedule:
     def queue(self, level, num_levels):
         return self.low_queue if self.low_queue and self.is_low(level, num_levels) else self.queue_size
 
-    def rows(self, level, num_levels, rows):
-        """Rows a node of `level` scores, out of the search's `rows`."""
-        return min(rows, self.low_rows) if self.low_rows and self.is_low(level, num_levels) else rows
-
     def to_dict(self):
         return asdict(self)
 
@@ -48,10 +45,7 @@ def as_schedule(queue):
 def block_levels(block_of):
     """Levels whose segments (2**level layers) fit in the smallest block of layers: the default low levels, so
     the split scales with the model's blocks (a DiT block's 6 linears: 3 levels; FLUX's single blocks too)."""
-    sizes = {}
-    for block in block_of:
-        sizes[block] = sizes.get(block, 0) + 1
-    smallest = min(sizes.values())
+    smallest = min(Counter(block_of).values())
     return smallest.bit_length()  # 2**(levels - 1) <= smallest
 
 
