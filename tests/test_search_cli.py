@@ -1,6 +1,7 @@
 """`treeq search` in-process on a tiny model: writes bits.json, state, log, results and plots; bad input exits 2."""
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,26 @@ def test_env_bits_and_budget_window_reach_the_search(tiny_path, tmp_path, monkey
         ValueError("stop")))
     assert main(argv[:-2] + ["--budget-window", "-1", "--out", str(tmp_path / "other.json")]) == 2
     assert seen["budget_window"] is None and seen["env_bits"] == 6
+
+
+def test_eng_reads_the_default_tree_at_the_target_and_pairs_every_row_with_it(monkeypatch):
+    import treeq.bench.search as bench
+    read = []
+
+    def searched(target, method, folder, recipe=None, env_bits=None, name=None):
+        read.append((target, Path(folder), env_bits, name))
+        return {"layer": {"w_bits": 4, "a_bits": 4}}, {"evaluations": 1, "metric": 0.0}
+    images = iter(torch.full((4, 1, 2, 2), float(value)) for value in (0.0, 0.1, 0.2, 0.3, 0.4))
+    monkeypatch.setattr(bench, "searched", searched)
+    monkeypatch.setattr(bench, "load", lambda name: None)
+    monkeypatch.setattr(bench, "load_or_collect", lambda model, **options: None)
+    monkeypatch.setattr(bench, "quantize", lambda model, config, recipe, calibration: None)
+    monkeypatch.setattr(bench, "generate", lambda model, n, seed, progress: (next(images), None, None))
+    monkeypatch.setattr(bench, "average_bits", lambda config, model: 4.0)
+    monkeypatch.setattr(bench, "measure", lambda *args: {"fid": 0, "sfid": 0, "class_accuracy": 1, "psnr_vs_fp": 0})
+    rows = bench.bench_eng(targets=("W4A4",), num_samples=4)
+    assert [(env, folder) for _, folder, env, _ in read] == [
+        (3, bench.ENG_FOLDER), (None, bench.FOLDER), (8, bench.ENG_FOLDER), (32, bench.ENG_FOLDER)]
+    differences = {row["env_bits"]: row["psnr_minus_target"] for row in rows}
+    assert differences[4] is None and differences[3].startswith("+")  # e = 3 drew closer to FP's zeros
+    assert differences[8].startswith("-") and differences[32].startswith("-")

@@ -199,23 +199,32 @@ def env_settings(target):
 
 
 def bench_eng(targets=TARGETS, num_samples=250, seed=0, folder=ENG_FOLDER):
-    """Rows {target, env_bits, evaluations, bops_bits, search_metric, fid, sfid, class_accuracy, psnr_vs_fp}:
-    the tree search at each e of `env_settings`, its configuration after PTQ on the search recipe.
-    Searches are read back from `folder` (<target>-e<e>.json) when finished there."""
+    """Rows {target, env_bits, evaluations, bops_bits, search_metric, fid, sfid, class_accuracy, psnr_vs_fp,
+    psnr_minus_target}: the tree search at each e of `env_settings`, its configuration after PTQ on the search
+    recipe. e = the target is the default tree, read from the search bench's folder (the same search); the
+    others are read back from `folder` (<target>-e<e>.json) when finished there. psnr_minus_target: PSNR vs
+    FP minus the e = target row's, with its paired bootstrap interval over the samples."""
     recipe = SEARCH_RECIPE
     model = load(recipe.model)
     fp_images, labels, _ = generate(model, num_samples, seed, progress=False)
     calibration = load_or_collect(model, **recipe.calibration_options())
-    rows = []
+    rows, errors = [], {}
     for target in targets:
         for env_bits in tqdm(env_settings(target), desc=f"ENG sweep ({target})"):
-            config, summary = searched(target, "tss", folder, recipe=recipe, env_bits=env_bits,
-                                       name=f"{target}-e{env_bits}")
+            if env_bits == round(parse_target(target)):
+                config, summary = searched(target, "tss", FOLDER, recipe=recipe)
+            else:
+                config, summary = searched(target, "tss", folder, recipe=recipe, env_bits=env_bits,
+                                           name=f"{target}-e{env_bits}")
             quantized = quantize(model, config, recipe, calibration=calibration)
             images, _, _ = generate(quantized, num_samples, seed, progress=False)
+            errors[target, env_bits] = sample_errors(images, fp_images)
             rows.append({"target": target, "env_bits": env_bits, "evaluations": summary["evaluations"],
                          "bops_bits": average_bits(config, model), "search_metric": summary["metric"],
                          **_quality(measure(images, labels, fp_images), "sfid")})
+    for row in rows:
+        row["psnr_minus_target"] = _against(errors, row["target"], row["env_bits"],
+                                            round(parse_target(row["target"])))
     return rows
 
 
