@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .families import FAMILIES, _randomize_zero_init, _settings
+from .sizes import vae_scale
 
 # One block of each kind: the config overrides of a reduced-depth model at real width, and which of its
 # blocks stands for block b of the published model (depth blocks).
@@ -84,7 +85,7 @@ def synthetic_inputs(name, model, rows, size="full", seed=0):
     generator = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
     settings = sampling_settings(name, size)
-    scale = _vae_scale(name, size)
+    scale = vae_scale(vae_config(name, size))
     latent = (settings["height"] // scale, settings["width"] // scale)
     return SYNTHETIC[name](model.config, settings, latent, model.source["text_tokens"], rows, randn)
 
@@ -132,11 +133,3 @@ SYNTHETIC = {"pixart": _pixart_inputs, "sd3": _sd3_inputs, "flux": _flux_inputs,
 def _mid(rows):
     """A mid-schedule timestep for every row (of the 1000 training timesteps)."""
     return torch.full((rows,), 500.0)
-
-
-def _vae_scale(name, size):
-    config = vae_config(name, size)
-    if name == "wan":  # AutoencoderKLWan halves per stage after the first (8x at four)
-        return 2 ** (len(config.get("dim_mult", (1, 2, 4, 4))) - 1)
-    stages = config.get("encoder_block_out_channels") or config.get("block_out_channels")
-    return 2 ** (len(stages) - 1)

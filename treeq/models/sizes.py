@@ -54,8 +54,8 @@ def vae_scale(config):
     the first (an AutoencoderKL; Sana's DC-AE by encoder_block_out_channels: 32x for the published f32c32)."""
     if "scale_factor_spatial" in config:
         return config["scale_factor_spatial"]
-    if config.get("_class_name") == "AutoencoderKLWan":
-        return 2 ** len(config.get("temperal_downsample", (False, True, True)))
+    if "temperal_downsample" in config:  # AutoencoderKLWan: every stage after the first halves space
+        return 2 ** len(config["temperal_downsample"])
     stages = config.get("encoder_block_out_channels") or config.get("block_out_channels") or (0,) * 4
     return 2 ** (len(stages) - 1)
 
