@@ -90,6 +90,14 @@ def gather_steps(steps):
     return [list(parts) for parts in zip(*everyone)]
 
 
+def join_steps(inputs, weights, concat):
+    """A split recording's kept steps joined over ranks: (inputs, weights) per step, each step's states rank after
+    rank (states are state-major); `concat` joins a list of ranks' inputs of one step."""
+    steps = gather_steps(list(zip(inputs, weights)))
+    return ([concat([rank[0] for rank in ranks]) for ranks in steps],
+            [torch.cat([rank[1] for rank in ranks]) for ranks in steps])
+
+
 def merge_halves(parts, halves):
     """One tensor from each rank's rows of one model call, as the whole batch would hold them: each part is
     `halves` blocks of its images' rows (a guided batch: conditional and null, or null and conditional); the

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..distributed import gather_steps, image_share, split_recording
+from ..distributed import image_share, join_steps, split_recording
 from ..models.adapters import CallInputs, adapter_for
 from .sampling import kept_steps, sample_generators
 from .trajectory import PROBE, TrajectoryStates
@@ -158,9 +158,7 @@ class _Recorder:
         if not inputs:
             raise ValueError("the pipeline ran no kept denoising step")
         if split:
-            steps = gather_steps(list(zip(inputs, weights)))
-            inputs = [CallInputs.concat([rank[0] for rank in ranks]) for ranks in steps]
-            weights = [torch.cat([rank[1] for rank in ranks]) for ranks in steps]
+            inputs, weights = join_steps(inputs, weights, CallInputs.concat)
         return PipelineStates(CallInputs.concat(inputs), torch.cat(weights), rows_per_state, cfg_scale,
                               weights[0].shape[1])
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..distributed import gather_steps, image_share, split_recording
+from ..distributed import image_share, join_steps, split_recording
 from ..models.dit import guided_output
 from .defaults import sampling_defaults
 from .sampling import balanced_labels, kept_steps, sample
@@ -111,9 +111,7 @@ def record_states(model, num_images=32, num_timesteps=10, seed=1234, **sampling)
     sample(model, labels, seed=seed, progress=False, on_model_input=on_model_input, on_step=on_step,
            batch_size=len(share), indices=share, **settings)
     if split_recording(num_images):  # states are state-major: a step's states join rank after rank
-        steps = gather_steps(list(zip(inputs, weights)))
-        inputs = [tuple(torch.cat(parts) for parts in zip(*(rank[0] for rank in ranks))) for ranks in steps]
-        weights = [torch.cat([rank[1] for rank in ranks]) for ranks in steps]
+        inputs, weights = join_steps(inputs, weights, lambda ranks: tuple(map(torch.cat, zip(*ranks))))
     channels = model.config.in_channels if settings["guidance_channels"] is None else settings["guidance_channels"]
     return TrajectoryStates(tuple(torch.cat(parts) for parts in zip(*inputs)), torch.cat(weights), rows_per_state,
                             float(settings["cfg_scale"]), channels)
