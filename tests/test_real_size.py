@@ -258,3 +258,21 @@ def test_the_runs_sizes_reach_the_token_counts_the_plan_and_the_cost_read(folder
     before = adapter_for(model).image_tokens(model)
     resize_(model, {"height": 2 * model.sampling["height"], "width": 2 * model.sampling["width"], "steps": 3})
     assert adapter_for(model).image_tokens(model) == 4 * before and model.sampling["steps"] != 3
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_search_host_plan_counts_the_recorded_set_and_states(tmp_path, family):
+    """The plan's search host row equals the bytes a recorded calibration set and its trajectory states hold
+    (a guided family, SD3: two rows a state; FLUX.1: one)."""
+    from treeq.bench.memory_plan import calibration_host_bytes
+    from treeq.ptq.calibration import load_or_collect, load_or_record_states
+
+    model = load(init_pipeline_folder(family, tmp_path / family))
+    options = {"num_images": 2, "num_timesteps": 2}
+    held = [record(model, tmp_path / "cache", **options) for record in (load_or_collect, load_or_record_states)]
+    tensors = [*held[0].batched.values(), *held[1].inputs.batched.values(), held[1].weights]
+    recorded = sum(t.numel() * t.element_size() for t in tensors)
+    rows, guided = len(held[1]) * held[1].rows_per_state, held[1].rows_per_state == 2
+    assert guided == (family == "sd3")
+    assert calibration_host_bytes(family, model, rows, guided, size="tiny") == recorded
+

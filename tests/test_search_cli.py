@@ -223,3 +223,11 @@ def test_eng_reads_the_default_tree_at_the_target_and_pairs_every_row_with_it(mo
     differences = {row["env_bits"]: row["psnr_minus_target"] for row in rows}
     assert differences[4] is None and differences[3].startswith("+")  # e = 3 drew closer to FP's zeros
     assert differences[8].startswith("-") and differences[32].startswith("-")
+
+
+def test_the_search_keeps_freed_memory_for_its_scoring(tiny_path, tmp_path, monkeypatch):
+    import treeq.memory as memory
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(True))
+    assert main(["search", "--model", tiny_path, "--method", "uniform", *FAST, "--out", str(tmp_path / "u.json")]) == 0
+    assert calls == [True]

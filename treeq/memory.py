@@ -24,6 +24,24 @@ def describe_peak_memory():
     return text if peak["peak_gpu_mb"] is None else f"{text}, GPU {peak['peak_gpu_mb'] / 1024:.2f} GB"
 
 
+def keep_freed_memory():
+    """Ask glibc to keep freed memory in the heap instead of returning it to the OS (no-op elsewhere).
+
+    Fresh pages fault on first touch; on VMs that reclaim memory aggressively each fault is costly, and code
+    that writes new multi-megabyte tensors every call (a GEMM's output, a scored candidate's activations)
+    pays them every call: a tree search on the deep testbed spent as much time in the kernel as in its own
+    arithmetic. Process-wide, so a command sets it once (`treeq search`, `treeq bench`). Returns whether it
+    took effect.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD in malloc.h
+    return bool(libc.mallopt(mmap_threshold, 1 << 30)) and bool(libc.mallopt(trim_threshold, 1 << 30))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resident memory of a quantized model, by component, and the per-layer formula that projects it.
 

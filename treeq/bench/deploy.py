@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 
 from ..bits import preset_config, quantizable_layers
-from ..deploy.backends import keep_freed_memory
 from ..deploy.export import export, load_exported
 from ..deploy.fold import fold_smoothing_
 from ..deploy.integer import IntLinear
 from ..deploy.torchao_export import to_torchao_, torchao_available
+from ..memory import keep_freed_memory
 from ..testbed.experiment import generate
 from ..models.load import load
 from ..models.registry import create_model

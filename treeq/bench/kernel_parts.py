@@ -11,8 +11,9 @@ import statistics
 import torch
 import torch.nn as nn
 
-from ..deploy.backends import available_backends, keep_freed_memory
+from ..deploy.backends import available_backends
 from ..deploy.torchao_export import to_torchao_, torchao_available
+from ..memory import keep_freed_memory
 from ..methods.rotation import rotate_linear_
 from ..models.registry import config_for
 from ..quant.linear import QuantLinear

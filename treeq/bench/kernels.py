@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deploy.backends import available_backends, choose_backend, keep_freed_memory
+from ..deploy.backends import available_backends, choose_backend
 from ..deploy.fold import transform_macs
 from ..deploy.integer import IntLinear
+from ..memory import keep_freed_memory
 from ..methods.rotation import rotate_linear_
 from ..models.registry import TESTBED, config_for
 from ..quant.linear import QuantLinear

@@ -5,7 +5,9 @@ The default recipe of a real-size run: hadamard,gptq with dynamic-asym activatio
 the family's published resolution, calibrated on the recipe's 32 images x 10 kept steps (guided families:
 twice the rows). The search's phase adds the codes of every default candidate width (the search switches
 bits from them) to the weights and one block's Hessians and batch; the rows the scorer caches per block
-come on top and are not counted here.
+come on top and are not counted here. The search's host row: the calibration set (every row's transformer
+inputs, in the run's dtype) and the trajectory states recorded from the same trajectories (the same inputs
+again, and each state's J in float32, shaped as the latent): the search holds both.
 """
 import dataclasses
 
@@ -13,8 +15,9 @@ import torch
 
 from ..bits import preset_config
 from ..memory import quantize_plan
+from ..models.adapters import CallInputs
 from ..models.families import family_names
-from ..models.shapes import meta_transformer
+from ..models.shapes import meta_transformer, synthetic_inputs
 from ..ptq.recipe import Recipe
 from ..search.space import DEFAULT_CANDIDATES
 
@@ -36,14 +39,28 @@ def bench_memory_plan(settings=None):
         device, host = quantize["quantize (device)"], quantize["quantize (host)"]
         search = quantize_plan(model, config, dataclasses.replace(RECIPE, switch_bits=DEFAULT_CANDIDATES[4.0]),
                                16)["quantize (device)"]
+        states = {"set_and_states": calibration_host_bytes(name, model, calibration_rows, guided)}
+        states["total"] = states["set_and_states"]
         for phase, parts, count in (("quantize, device", device, calibration_rows),
                                     ("quantize, host: block states", host, calibration_rows),
-                                    ("search, device: weights and codes", search, 16)):
-            block = sum(parts.get(part, 0) for part in ("hessians", "batch", "block_states"))
+                                    ("search, device: weights and codes", search, 16),
+                                    ("search, host: calibration set and states", states, calibration_rows)):
+            block = sum(parts.get(part, 0) for part in ("hessians", "batch", "block_states", "set_and_states"))
             rows.append({"family": name, "phase": phase, "rows": count, "weights_gb": parts.get("weights", 0) / 1e9,
                          "codes_gb": parts.get("codes", 0) / 1e9, "block_gb": block / 1e9,
                          "total_gb": parts["total"] / 1e9, "fits": _gpu(parts["total"]) if "device" in phase else "-"})
     return rows
+
+
+def calibration_host_bytes(name, model, rows, guided, size="full"):
+    """Bytes the search holds on the host for `rows` calibration rows of family `name`: the set's per-row
+    transformer inputs and the states' copy of them, in the model's dtype (integer ids at their own width),
+    and a float32 J per state (a guided state is two rows) shaped as the latent (`hidden_states`)."""
+    batched = CallInputs.from_call(synthetic_inputs(name, model, 1, size)).batched
+    element = model.dtype.itemsize
+    row = sum(t.numel() * (element if t.is_floating_point() else t.element_size()) for t in batched.values())
+    states = rows // 2 if guided else rows
+    return 2 * rows * row + states * 4 * batched["hidden_states"].numel()
 
 
 def _gpu(size):

@@ -237,19 +237,3 @@ def _timed_choice(in_features, out_features, bits, resident, rows, repeats):
         if statistics.median(samples) < best_seconds:
             best, best_seconds = name, statistics.median(samples)
     return best
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory in the heap instead of returning it to the OS (no-op elsewhere).
-
-    Fresh pages fault on first touch; on VMs that reclaim memory aggressively each fault is costly, and a
-    GEMM that writes a new multi-megabyte output every call pays them every call. Process-wide: every
-    runtime in a benchmark that calls this gets it alike. Returns whether it took effect.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD in malloc.h
-    return bool(libc.mallopt(mmap_threshold, 1 << 30)) and bool(libc.mallopt(trim_threshold, 1 << 30))

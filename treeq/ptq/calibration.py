@@ -62,8 +62,7 @@ def collect_calibration(model, num_images=32, num_timesteps=10, seed=1234, promp
         steps = pipeline_settings(model, **sampling)["steps"]
         return collect_pipeline_calibration(model, num_images, min(num_timesteps, steps), seed, list(prompts),
                                             **sampling)
-    if prompts:
-        raise ValueError(f"prompts condition text-to-image families; {type(model).__name__} is class-conditional")
+    _refuse_prompts(model, prompts)
     settings = {**sampling_defaults(model), **sampling}
     keep = kept_steps(settings["steps"], num_timesteps)
     records, call = [], [0]
@@ -149,6 +148,12 @@ def num_rows(calibration, model=None):
     return _rows_view(calibration, model).num_rows(calibration)
 
 
+def _refuse_prompts(model, prompts):
+    """Prompts condition the text-to-image families only: given for a class-conditional model, a one-line error."""
+    if prompts:
+        raise ValueError(f"prompts condition text-to-image families; {type(model).__name__} is class-conditional")
+
+
 def _rows_view(calibration, model):
     if isinstance(calibration, TrajectoryStates):  # a state and its null pair stay together
         return _States()
@@ -171,8 +176,6 @@ def load_or_record_states(model, folder=None, **options):
     if is_pipeline_model(model):
         return _cached(model, folder, "pipeline-states-", {**options, "states_version": PIPELINE_STATES_VERSION},
                        lambda: record_pipeline_states(model, **options), PipelineStates.to_dict, PipelineStates.from_dict)
-    if options.get("prompts"):
-        raise ValueError(f"prompts condition text-to-image families; {type(model).__name__} is class-conditional")
-    options.pop("prompts", None)
+    _refuse_prompts(model, options.pop("prompts", None))
     return _cached(model, folder, "states-", {**options, "states_version": STATES_VERSION},
                    lambda: record_states(model, **options), TrajectoryStates.to_dict, TrajectoryStates.from_dict)

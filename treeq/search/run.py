@@ -59,6 +59,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     low_queue, low_rows, low_levels: tree search only: the levels below `low_levels` (None: those whose segments fit
     in the smallest block, schedule.block_levels) keep `low_queue` candidates and score `low_rows` of the
     calibration rows (None: queue_size, every row); schedule.Schedule."""
+    from ..memory import keep_freed_memory
     from ..models.family_load import resize_
     from ..models.load import load
     from ..ptq.apply import quantize
@@ -116,6 +117,9 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     first = space.config([layer[0] for layer in space.candidates])
     quantized = quantize(model, first, recipe, calibration=calibration if recipe.needs_calibration() else None,
                          inplace=owned)
+    # Every scored candidate allocates its activations anew: kept in the heap they do not fault in again (at
+    # the deep testbed's size half the search's time went to the kernel without it). Process-wide.
+    keep_freed_memory()
     # HAWQ measures each layer's sensitivity with the rest of the network in full precision.
     objective = ModelObjective(quantized, rows, 32 if method == "ilp" else env_bits, readout_blocks=readout_blocks,
                                readout=readout)
