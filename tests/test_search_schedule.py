@@ -90,3 +90,17 @@ def test_the_levers_schedule_the_tree_only(tiny_path, tmp_path, capsys):  # noqa
     assert "schedule a tree search" in capsys.readouterr().err
     assert main(["search", "--model", tiny_path, *FAST, "--low-queue", "0", "--out", out]) == 2
     assert not (tmp_path / "bits.json").exists()
+
+
+def test_low_levels_that_change_nothing_resume_a_plain_search(tmp_path):
+    """The default search's schedule has low levels (the model's blocks) and nothing scheduled on them: its state
+    is a plain search's, so a search started with a plain queue (or before schedules existed) resumes."""
+    space, cost = _problem()
+    state = tmp_path / "s.state.json"
+    plain = tree_search(SpyScorer(), space, cost, 8.0, queue_size=6, state_path=state, progress=False)
+    default = Schedule(queue_size=6, low_levels=2)
+    assert default.is_plain() and not Schedule(queue_size=6, low_levels=2, low_rows=4).is_plain()
+    spy = SpyScorer()
+    resumed = tree_search(spy, space, cost, 8.0, queue_size=default, state_path=state, resume=True, progress=False)
+    assert resumed.config == plain.config and not spy.segments  # nothing scored again
+    assert "schedule" not in json.loads(state.read_text())["settings"]

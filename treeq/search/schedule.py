@@ -33,6 +33,11 @@ class Schedule:
     def queue(self, level, num_levels):
         return self.low_queue if self.low_queue and self.is_low(level, num_levels) else self.queue_size
 
+    def is_plain(self):
+        """Whether every level keeps queue_size and scores every row: low levels that change nothing (the default
+        search's) make the same search as none, and its state resumes like one."""
+        return self.low_levels == 0 or (self.low_queue in (None, self.queue_size) and self.low_rows is None)
+
     def to_dict(self):
         return asdict(self)
 

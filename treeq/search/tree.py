@@ -118,7 +118,7 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     settings = {"layers": space.layers, "candidates": space.candidates, "cost": cost.name, "budget": budget,
                 "queue_size": schedule.queue_size, "budget_window": budget_window, "scorer": getattr(scorer, "settings", None),
                 **({"schedule": schedule.to_dict(), "low_scorer": getattr(low_scorer, "settings", None)}
-                   if schedule != as_schedule(schedule.queue_size) else {}),
+                   if not schedule.is_plain() else {}),
                 **({"seeds": [[list(pair) for pair in seed] for seed in seeds]} if seeds else {})}
     state = SearchState(settings, state_path, log_path, resume=resume, writer=writer)
     evaluations, started = state.evaluations, time.perf_counter()
