@@ -492,8 +492,8 @@ def _add_search(sub):
                         help="sampling steps recorded per trajectory (default 10)")
     search.add_argument("--candidates", default=None, help="(w,a) pairs, e.g. '4,4 3,4 4,3 8,8' (default by target)")
     search.add_argument("--calibration-rows", type=COUNT, default=16,
-                        help="rows of the calibration set scored per candidate (16: a W4A4 testbed search in ~4 CPU "
-                             "minutes; see docs/search-measurements.md)")
+                        help="trajectory states scored per candidate (a guided state runs two model rows); the tree "
+                             "search prints what they cost before it scores")
     search.add_argument("--readout-blocks", type=number(int, -1), default=1,
                         help="read the metric this many blocks past the segment; -1 = at the model output")
     search.add_argument("--readout", choices=READOUTS, default=DEFAULT_READOUT,
