@@ -231,3 +231,20 @@ def test_the_search_keeps_freed_memory_for_its_scoring(tiny_path, tmp_path, monk
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(True))
     assert main(["search", "--model", tiny_path, "--method", "uniform", *FAST, "--out", str(tmp_path / "u.json")]) == 0
     assert calls == [True]
+
+
+def test_a_bench_row_is_kept_with_its_errors_and_made_again_only_for_another_key(tmp_path):
+    from treeq.bench.search import kept_row
+    made = []
+
+    def make():
+        made.append(True)
+        errors = torch.tensor([0.1, 0.2], dtype=torch.float64)
+        return {"psnr_vs_fp": 20.0}, errors, errors[:1] * 10
+    key = {"num_samples": 2, "seed": 0, "config": {"layer": {"w_bits": 4, "a_bits": 4}}}
+    first = kept_row(tmp_path / "rows" / "W4A4-tss.json", key, make)
+    again = kept_row(tmp_path / "rows" / "W4A4-tss.json", key, make)
+    assert len(made) == 1 and again[0] == first[0]
+    assert all(torch.equal(a, b) and b.dtype == torch.float64 for a, b in zip(first[1:], again[1:]))
+    kept_row(tmp_path / "rows" / "W4A4-tss.json", {**key, "config": {"layer": {"w_bits": 3, "a_bits": 3}}}, make)
+    assert len(made) == 2  # another configuration under the same name is sampled again

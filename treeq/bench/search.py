@@ -20,9 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from scipy.stats import spearmanr
+import torch
 from tqdm import tqdm
 
 from ..bits import average_bits, load_config, quantizable_layers
+from ..io import atomic_write
 from .objective import psnr_difference, sample_errors
 from ..testbed.experiment import generate, measure
 from ..models.adapters import adapter_for
@@ -131,7 +133,8 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
     tss+refine (its REFINE_ROWS) saw, the same states for every method. psnr_minus_ilp: PSNR vs FP minus the
     ilp row's at the target, with its paired bootstrap interval. With a lever row (LEVERS) and tss: also
     psnr_minus_tss and held_out_db_minus_tss (10 log10 of tss's held-out objective over the row's: + is lower),
-    paired over the samples and over the held-out states."""
+    paired over the samples and over the held-out states. Each sampled row is kept in <folder>/rows (kept_row):
+    an interrupted bench continues from the rows it finished."""
     unknown = [method for method in methods if method not in SEARCHES]
     if unknown:
         raise ValueError(f"unknown bench search method {unknown[0]!r}; known: {', '.join(SEARCHES)}")
@@ -154,15 +157,20 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
             config, summary = searched(target, method, folder, evaluations, recipe)
             if method == "tss":
                 tss_evaluations = summary["evaluations"]
-            quantized = quantize(model, config, recipe, calibration=calibration)
-            held[target, method] = output_errors(quantized, held_out, config).double()
-            error = held[target, method].mean().item()
-            images, _, _ = generate(quantized, num_samples, seed, progress=False)
-            errors[target, method] = sample_errors(images, fp_images)
-            rows.append({"target": target, "method": method, "evaluations": summary["evaluations"],
-                         "seconds": summary["seconds"], "bops_bits": average_bits(config, model),
-                         "search_metric": summary["metric"], "held_out": error,
-                         **_quality(measure(images, labels, fp_images), "sfid")})
+
+            def sampled():
+                quantized = quantize(model, config, recipe, calibration=calibration)
+                held_errors = output_errors(quantized, held_out, config).double()
+                images, _, _ = generate(quantized, num_samples, seed, progress=False)
+                row = {"target": target, "method": method, "evaluations": summary["evaluations"],
+                       "seconds": summary["seconds"], "bops_bits": average_bits(config, model),
+                       "search_metric": summary["metric"], "held_out": held_errors.mean().item(),
+                       **_quality(measure(images, labels, fp_images), "sfid")}
+                return row, sample_errors(images, fp_images), held_errors
+            key = {"num_samples": num_samples, "seed": seed, "config": config, "held_out_states": len(held_out)}
+            row, errors[target, method], held[target, method] = kept_row(folder / "rows" / f"{target}-{method}.json",
+                                                                         key, sampled)
+            rows.append(row)
     levers = "tss" in methods and any(method in LEVERS for method in methods)
     for row in rows:
         row["psnr_minus_ilp"] = _against(errors, row["target"], row["method"])
@@ -170,6 +178,21 @@ def bench_search(targets=TARGETS, methods=METHODS, num_samples=250, seed=0, fold
             row["psnr_minus_tss"] = _against(errors, row["target"], row["method"], "tss")
             row["held_out_db_minus_tss"] = _against(held, row["target"], row["method"], "tss")
     return rows
+
+
+def kept_row(path, key, make):
+    """(row, sample errors, held-out errors) of one bench row, read back from `path` when it was made with `key`
+    (samples, seed, configuration), else made by `make()` and kept there: a bench interrupted after some rows
+    keeps them, and its paired intervals are computed from the kept errors. Delete the folder after changing the
+    code that quantizes or samples."""
+    kept = json.loads(path.read_text()) if path.exists() else None
+    if kept is not None and kept["key"] == key:
+        return kept["row"], torch.tensor(kept["sample_errors"], dtype=torch.float64), torch.tensor(
+            kept["held_errors"], dtype=torch.float64)
+    row, per_sample, held_errors = make()
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(
+        {"key": key, "row": row, "sample_errors": per_sample.tolist(), "held_errors": held_errors.tolist()})))
+    return row, per_sample, held_errors
 
 
 def _against(errors, target, method, baseline="ilp"):
