@@ -30,8 +30,8 @@ def keep_freed_memory():
     Fresh pages fault on first touch; on VMs that reclaim memory aggressively each fault is costly, and code
     that writes new multi-megabyte tensors every call (a GEMM's output, a scored candidate's activations)
     pays them every call: a tree search on the deep testbed spent as much time in the kernel as in its own
-    arithmetic. Process-wide, so a command sets it once (`treeq search`, `treeq bench`). Returns whether it
-    took effect.
+    arithmetic. Process-wide: set where such work starts (a search's scoring, the kernel benches). Returns
+    whether it took effect.
     """
     try:
         import ctypes
