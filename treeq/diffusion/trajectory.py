@@ -38,7 +38,8 @@ class TrajectoryStates:
     def select(self, index):
         """The states at `index` (with their model rows)."""
         index = torch.as_tensor(index, dtype=torch.long)
-        return replace(self, inputs=tuple(part[self.rows_of(index)] for part in self.inputs), weights=self.weights[index])
+        rows = self.rows_of(index)
+        return replace(self, inputs=tuple(part[rows] for part in self.inputs), weights=self.weights[index])
 
     def batches(self, states_per_batch, device=None):
         """(model inputs, weights) of consecutive states, `states_per_batch` at a time."""
