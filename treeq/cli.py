@@ -54,6 +54,17 @@ def _env_bits():
     return number(int, min(SUPPORTED_BITS), max(SUPPORTED_BITS), allowed=SUPPORTED_BITS)
 
 
+def _workers(text):
+    """--workers: "auto" or a count of processes (at least 1)."""
+    return text if text == "auto" else COUNT(text)
+
+
+def _add_workers(parser):
+    parser.add_argument("--workers", type=_workers, default="auto",
+                        help="CPU: processes that score the search's candidates, one thread each (auto: one per "
+                             "thread torch uses, as memory allows; 1: this process's threads); on GPUs use torchrun")
+
+
 def _sampling_overrides(args):
     """The sampling flags given on the command line; the model's defaults fill the rest."""
     keys = ("sampler", "steps", "cfg_scale", "guidance_channels", "clip_sample", *SIZE_KEYS)
@@ -279,7 +290,7 @@ def cmd_quantize(args):
             raise ValueError(f"give either --target (search the bits) or --config {args.bits}, not both")
         bits = Path(args.out) / "search" / "bits.json"
         run_search(recipe, args.target, args.search, out=bits, env_bits=args.env_bits, queue_size=args.queue_size,
-                   device=device, seed_ilp=args.seed_ilp, max_cost=args.max_cost)
+                   device=device, seed_ilp=args.seed_ilp, max_cost=args.max_cost, workers=args.workers)
         recipe = replace(recipe, bits=str(bits))
     quantized = build(recipe, device=device, progress=True)
     bits = quantization_map(quantized)
@@ -452,7 +463,7 @@ def cmd_search(args):
                         budget_window=None if args.budget_window < 0 else args.budget_window,
                         refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds, floor=args.floor,
                         max_cost=args.max_cost, low_queue=args.low_queue, low_rows=args.low_rows,
-                        low_levels=args.low_levels)
+                        low_levels=args.low_levels, workers=args.workers)
     print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
@@ -523,6 +534,7 @@ def _add_search(sub):
     search.add_argument("--max-cost", type=MAX_COST, default=None, metavar="N",
                         help="tss: refuse, before quantizing and scoring, a search that costs more than N image "
                              "equivalents (block-row runs over those of sampling one image; printed first)")
+    _add_workers(search)
     search.add_argument("--seed", type=SEED, default=0)
     search.add_argument("--resume", action="store_true", help="continue from the state file beside --out")
     search.add_argument("--log", default=None, help="JSON lines of every scored candidate (default beside --out)")
@@ -690,6 +702,7 @@ def build_parser():
     quant.add_argument("--search", default="tss", choices=("tss", "ilp", "evo", "greedy", "random", "uniform"),
                        help="with --target: the search method (default tss, TreeQ's tree search)")
     quant.add_argument("--env-bits", type=_env_bits(), default=None, help="with --target: ENG's environment bits")
+    _add_workers(quant)
     quant.add_argument("--queue-size", type=COUNT, default=16, help="with --target: the tree search's queue size")
     quant.add_argument("--seed-ilp", action="store_true",
                        help="with --target: seed the tree search with the integer program's configuration")

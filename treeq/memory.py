@@ -18,9 +18,13 @@ def peak_memory():
 
 
 def describe_peak_memory():
-    """One line: 'peak memory: RSS 3.70 GB, GPU 12.1 GB'."""
+    """One line: 'peak memory: RSS 3.70 GB, GPU 12.1 GB', with the largest child process's peak RSS where this
+    process waited for any (a search's forked workers: their pages shared with this process count in both)."""
     peak = peak_memory()
     text = f"peak memory: RSS {peak['peak_rss_mb'] / 1024:.2f} GB"
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    if children > 0:
+        text += f" (a child process: {children:.2f} GB, shared pages counted in both)"
     return text if peak["peak_gpu_mb"] is None else f"{text}, GPU {peak['peak_gpu_mb'] / 1024:.2f} GB"
 
 

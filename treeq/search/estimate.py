@@ -167,17 +167,19 @@ def seconds_per_block(objective):
         return wall_seconds(run)
 
 
-def estimate_tree_search(objective, space, queue_size, *, sampling=None, seed_ilp=False, low_objective=None):
+def estimate_tree_search(objective, space, queue_size, *, sampling=None, seed_ilp=False, low_objective=None,
+                         workers=1):
     """plan_tree_search for the objective's model, rows and readout (the low levels on `low_objective`'s rows),
-    with seconds_per_block, seconds_per_image (an image equivalent here) and seconds (the whole search): the
-    estimate `treeq search` prints first. A block run's time is taken as proportional to its rows."""
+    with seconds_per_block, seconds_per_image (an image equivalent here) and seconds (the whole search, its
+    block runs shared by `workers` processes of this process's threads): the estimate `treeq search` prints
+    first. A block run's time is taken as proportional to its rows."""
     plan = plan_tree_search(objective.model, space, queue_size, objective.model_rows,
                             readout_blocks=objective.readout_blocks, sampling=sampling, seed_ilp=seed_ilp,
                             low_rows=low_objective.model_rows if low_objective else None)
     seconds = seconds_per_block(objective)
     per_row = seconds / plan["rows"]
     return {**plan, "seconds_per_block": seconds, "seconds_per_image": per_row * plan["image_block_rows"],
-            "seconds": plan["block_row_runs"] * per_row}
+            "workers": workers, "seconds": plan["block_row_runs"] * per_row / workers}
 
 
 def describe(estimate):
@@ -191,7 +193,8 @@ def describe(estimate):
             f"runs x {rows} = {estimate['block_row_runs']:,} block-row runs = "
             f"{estimate['image_equivalents']:,.1f} image equivalents (an image: {estimate['image_block_rows']:,} "
             f"block-row runs); {estimate['seconds_per_image']:.3g} s per image equivalent here (a block run timed: "
-            f"{estimate['seconds_per_block']:.3g} s): about {when}")
+            f"{estimate['seconds_per_block']:.3g} s): about {when}"
+            + (f" on {estimate['workers']} processes" if estimate.get("workers", 1) > 1 else ""))
 
 
 class BlockRunCounter:

@@ -198,6 +198,16 @@ class ModelObjective:
                    for t in _tensors(part)}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def state_bytes(self):
+        """Bytes of one state of all rows (the embedding's): what a block's activations scale with."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self._embedded))
+
+    def warm(self):
+        """Cache the state entering every block at env_bits now (search/pool.py forks workers that share it)."""
+        with torch.no_grad():
+            self.entering(self.depth - 1)
+            self._set_environment()
+
     def entering(self, block):
         """The state entering `block` with every layer at env_bits (per row batch), cached per (block, env_bits).
 

@@ -38,7 +38,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                candidates=None, calibration_rows=16, readout_blocks=1, readout=DEFAULT_READOUT, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
                calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0, floor=None,
-               max_cost=None, low_queue=None, low_rows=None, low_levels=None):
+               max_cost=None, low_queue=None, low_rows=None, low_levels=None, workers=1):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
@@ -58,7 +58,10 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     equivalents (estimate.plan_tree_search; None: no ceiling).
     low_queue, low_rows, low_levels: tree search only: the levels below `low_levels` (None: those whose segments fit
     in the smallest block, schedule.block_levels) keep `low_queue` candidates and score `low_rows` of the
-    calibration rows (None: queue_size, every row); schedule.Schedule."""
+    calibration rows (None: queue_size, every row); schedule.Schedule.
+    workers: on the CPU, processes that score each node's candidates, one thread each (search/pool.py), or
+    "auto" (pool.auto_workers: one per thread where memory allows); 1 scores in this process. Under torchrun
+    the ranks split the candidates instead."""
     from ..memory import keep_freed_memory
     from ..models.family_load import resize_
     from ..models.load import load
@@ -78,6 +81,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     elif isinstance(candidates, str):
         candidates = parse_candidates(candidates)
     _check_settings(out, method, resume, queue_size, evaluations, env_bits, max_cost)
+    _check_workers(workers, device)
     Schedule(queue_size, low_levels or 0, low_queue, low_rows)  # refused before loading
     if (low_queue or low_rows or low_levels is not None) and method != "tss":
         raise ValueError(f"low_queue, low_rows and low_levels schedule a tree search (--method tss), not {method}")
@@ -125,50 +129,57 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                                readout=readout)
     low_objective = None if low is None else ModelObjective(quantized, low, env_bits, readout_blocks=readout_blocks,
                                                             readout=readout)
-    spread = _spread(objective) if distributed else None
-    scorer = spread or objective
-    low_scorer = None if low_objective is None else (_spread(low_objective) if distributed else low_objective)
-    out = Path(out)
-    stem = out.with_suffix("")
-    log = log or f"{stem}.log.jsonl"
-    hawq = None
-    if method == "tss":
-        if progress and writer and not resume:
-            print(describe(estimate_tree_search(objective, space, schedule, sampling=recipe.sampling,
-                                                seed_ilp=seed_ilp, low_objective=low_objective)),
-                  file=sys.stderr, flush=True)
-        if seed_ilp:
-            # HAWQ's sensitivities, read where they are strongest: the rest of the network in full precision,
-            # the objective at the model output (a block past the layer ranks them worse: docs/RESULTS.md)
-            sensitivities = ModelObjective(quantized, rows, 32, readout_blocks=None)
-            hawq = ilp(LoggedScorer(sensitivities, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs,
-                       bits)
-        seeds = [space.assignment(hawq.config)] if hawq else []
-        result = tree_search(scorer, space, costs, bits, queue_size=schedule, state_path=f"{stem}.state.json",
-                             log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds,
-                             budget_window=budget_window, low_scorer=low_scorer)
-        if hawq:
-            result = replace(result, method="tss+ilp", evaluations=result.evaluations + hawq.evaluations,
-                             seconds=result.seconds + hawq.seconds)
-    else:
-        scorer = LoggedScorer(scorer, space, costs, log, writer=writer)
-        if method in ("evo", "random"):
-            evaluations = evaluations or expected_evaluations(space, queue_size)
-            search = evolutionary if method == "evo" else random_search
-            result = search(scorer, space, costs, bits, evaluations, seed=seed)
+    pool = _pool(workers, [objective, *([low_objective] if low_objective else [])], device, distributed)
+    try:
+        spread = _spread(objective) if distributed else None
+        scorer = spread or (pool.scorer(0) if pool else objective)
+        low_scorer = None if low_objective is None else (_spread(low_objective) if distributed else
+                                                         pool.scorer(1) if pool else low_objective)
+        out = Path(out)
+        stem = out.with_suffix("")
+        log = log or f"{stem}.log.jsonl"
+        hawq = None
+        if method == "tss":
+            if progress and writer and not resume:
+                print(describe(estimate_tree_search(objective, space, schedule, sampling=recipe.sampling,
+                                                    seed_ilp=seed_ilp, low_objective=low_objective,
+                                                    workers=pool.workers if pool else 1)),
+                      file=sys.stderr, flush=True)
+            if seed_ilp:
+                # HAWQ's sensitivities, read where they are strongest: the rest of the network in full precision,
+                # the objective at the model output (a block past the layer ranks them worse: docs/RESULTS.md)
+                sensitivities = ModelObjective(quantized, rows, 32, readout_blocks=None)
+                hawq = ilp(LoggedScorer(sensitivities, space, costs, f"{stem}.ilp.log.jsonl", writer=writer), space, costs,
+                           bits)
+            seeds = [space.assignment(hawq.config)] if hawq else []
+            result = tree_search(scorer, space, costs, bits, queue_size=schedule, state_path=f"{stem}.state.json",
+                                 log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds,
+                                 budget_window=budget_window, low_scorer=low_scorer)
+            if hawq:
+                result = replace(result, method="tss+ilp", evaluations=result.evaluations + hawq.evaluations,
+                                 seconds=result.seconds + hawq.seconds)
         else:
-            result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
-    # the search's own scoring: a refinement after it scores on the same objective and is not counted
-    # the spread scorers' counts are each rank's share; the integer program's (seed_ilp) ran whole on every rank
-    spread_parts, whole = [objective, *([low_objective] if low_objective else [])], [sensitivities] if hawq else []
-    block_runs = _over_ranks(sum(p.block_runs for p in spread_parts), spread) + sum(p.block_runs for p in whole)
-    block_row_runs = (_over_ranks(sum(p.block_runs * p.model_rows for p in spread_parts), spread)
-                      + sum(p.block_runs * p.model_rows for p in whole))
-    refiner = ModelObjective(quantized, refined[0], env_bits, readout_blocks=None) if refined else scorer
-    if exchange_rounds:
-        result = exchange(refiner, space, costs, bits, result, exchange_rounds)
-    if refine_sweeps:
-        result = refine(refiner, space, costs, bits, result, refine_sweeps)
+            scorer = LoggedScorer(scorer, space, costs, log, writer=writer)
+            if method in ("evo", "random"):
+                evaluations = evaluations or expected_evaluations(space, queue_size)
+                search = evolutionary if method == "evo" else random_search
+                result = search(scorer, space, costs, bits, evaluations, seed=seed)
+            else:
+                result = {"ilp": ilp, "greedy": greedy, "uniform": uniform}[method](scorer, space, costs, bits)
+        # the search's own scoring: a refinement after it scores on the same objective and is not counted
+        # the spread scorers' counts are each rank's share; the integer program's (seed_ilp) ran whole on every rank
+        spread_parts, whole = [objective, *([low_objective] if low_objective else [])], [sensitivities] if hawq else []
+        block_runs = _over_ranks(sum(p.block_runs for p in spread_parts), spread) + sum(p.block_runs for p in whole)
+        block_row_runs = (_over_ranks(sum(p.block_runs * p.model_rows for p in spread_parts), spread)
+                          + sum(p.block_runs * p.model_rows for p in whole))
+        refiner = ModelObjective(quantized, refined[0], env_bits, readout_blocks=None) if refined else scorer
+        if exchange_rounds:
+            result = exchange(refiner, space, costs, bits, result, exchange_rounds)
+        if refine_sweeps:
+            result = refine(refiner, space, costs, bits, result, refine_sweeps)
+    finally:
+        if pool:
+            pool.close()
     held_out_metric = output_error(quantized, held_out, result.config) if num_rows(held_out, model) else None
     if writer:
         save_config(result.config, out)
@@ -179,7 +190,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     "cost": cost, "seed": seed,
                     "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "floor": floor, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
                     "budget_window": budget_window if method == "tss" else None,
-                    "schedule": schedule.to_dict() if method == "tss" else None}
+                    "schedule": schedule.to_dict() if method == "tss" else None,
+                    "workers": pool.workers if pool else 1}
         compute = _compute(block_runs, block_row_runs, objective.model_rows, image_block_rows(model, recipe.sampling),
                            plan)
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,
@@ -207,6 +219,15 @@ def _spread(objective):
     """The objective's candidates split across the torchrun ranks."""
     from .distributed import DistributedScorer
     return DistributedScorer(objective)
+
+
+def _pool(workers, objectives, device, distributed):
+    """A ForkedPool over `objectives` when more than one worker scores (resolving "auto"), else None."""
+    from .pool import ForkedPool, auto_workers
+
+    if workers == "auto":
+        workers = 1 if distributed else auto_workers(objectives[0].state_bytes(), device)
+    return ForkedPool(objectives, workers) if workers > 1 else None
 
 
 def _over_ranks(count, spread):
@@ -254,6 +275,22 @@ def _check_settings(out, method, resume, queue_size, evaluations, env_bits, max_
     state = Path(f"{out.with_suffix('')}.state.json")
     if resume and not state.exists():
         raise FileNotFoundError(f"nothing to resume: no {state}; run without --resume to start afresh")
+
+
+def _check_workers(workers, device):
+    """Refuse before loading what forked workers cannot do: a GPU (CUDA does not survive a fork) or torchrun
+    (whose ranks already split the candidates)."""
+    if workers == "auto":
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be 'auto' or a positive int, got {workers!r}")
+    if workers == 1:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"workers={workers} under torchrun: its ranks split the candidates; give one worker")
+    if (torch.device(device) if device is not None else _device()).type != "cpu":
+        raise ValueError(f"workers={workers} forks CPU processes; on GPUs split the candidates with torchrun "
+                         "(one rank per GPU)")
 
 
 def _check_rows(recipe, calibration_rows, refine_rows, calibration):

@@ -1,0 +1,135 @@
+"""Score a node's candidates in forked worker processes on the CPU, one thread each.
+
+At the testbeds' size a block run is a few small matmuls, which keep a second thread of the same process
+busy a fifth of the time (the 12-block search: 1.22x faster on two threads than on one) while two processes
+of one thread each score twice as many candidates. The workers are forked once the model is quantized and the
+scorer has cached its states, so they start with all of it as it is (pages shared copy-on-write: nothing is
+loaded, calibrated or quantized again, no second copy of the weights); each scores a contiguous share of a
+call's candidates (consecutive candidates share their first blocks) and the metrics come back in order.
+Forking needs a process that has not started CUDA: on GPUs, torchrun's ranks split the candidates instead
+(search/distributed.py).
+"""
+import multiprocessing
+import os
+import traceback
+
+import torch
+
+# Free memory a worker may take is this many states of the scorer's rows (a block's activations, its MLP's
+# four-times-wider hidden tokens among them); `auto_workers` keeps that within half the free memory.
+STATES_PER_WORKER = 16
+
+
+class ForkedPool:
+    """`workers` processes (this one and workers - 1 forks) that score `scorers`' candidates, `threads`
+    threads each; this process runs at `threads` until close(). Use as a context manager."""
+
+    def __init__(self, scorers, workers, threads=1):
+        if workers < 2:
+            raise ValueError(f"a pool needs at least 2 workers, got {workers}")
+        self.scorers, self.workers, self.threads = list(scorers), workers, threads
+        self.scored = [0] * workers  # candidates each process scored: the split, visible to tests and logs
+        self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads)  # before warming: the states the workers inherit are computed as theirs
+        for scorer in self.scorers:
+            getattr(scorer, "warm", lambda: None)()
+        context = multiprocessing.get_context("fork")
+        self._connections, self._processes = [], []
+        for _ in range(workers - 1):
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs, self.scorers, threads), daemon=True)
+            process.start()
+            theirs.close()
+            self._connections.append(mine)
+            self._processes.append(process)
+
+    def scorer(self, index):
+        """A scorer of `scorers[index]` whose candidates this pool splits."""
+        return PooledScorer(self, self.scorers[index], index)
+
+    def score(self, index, start, end, assignments):
+        """scorers[index].score over the workers: metrics in the order of `assignments`."""
+        share = -(-len(assignments) // self.workers)  # ceil: worker w scores [w * share, (w + 1) * share)
+        parts = [assignments[w * share:(w + 1) * share] for w in range(self.workers)]
+        for connection, part in zip(self._connections, parts[1:]):
+            if part:
+                connection.send((index, start, end, part))
+        scorer = self.scorers[index]
+        try:
+            metrics = list(scorer.score(start, end, parts[0])) if parts[0] else []
+        finally:  # every sent share is received, so a later call never reads this one's replies
+            replies = [connection.recv() if part else ("ok", [], 0)
+                       for connection, part in zip(self._connections, parts[1:])]
+        for worker, (status, value, block_runs) in enumerate(replies, 1):
+            if status != "ok":
+                raise RuntimeError(f"search worker {worker} failed:\n{value}")
+            metrics += value
+            if hasattr(scorer, "block_runs"):
+                scorer.block_runs += block_runs
+        for worker, part in enumerate(parts):
+            self.scored[worker] += len(part)
+        return metrics
+
+    def close(self):
+        for connection in self._connections:
+            connection.send(None)
+            connection.close()
+        for process in self._processes:
+            process.join()
+        self._connections, self._processes = [], []
+        torch.set_num_threads(self._threads_before)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class PooledScorer:
+    """One scorer of a ForkedPool: score() splits the candidates, `settings` are the wrapped scorer's (a search
+    resumes across worker counts: the split changes no metric)."""
+
+    def __init__(self, pool, scorer, index):
+        self.pool, self.scorer, self.index = pool, scorer, index
+
+    @property
+    def settings(self):
+        return getattr(self.scorer, "settings", None)
+
+    def score(self, start, end, assignments):
+        return self.pool.score(self.index, start, end, assignments)
+
+
+def _serve(connection, scorers, threads):
+    """A worker's loop: score the shares it is sent until told to stop (None) or its parent is gone."""
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        index, start, end, assignments = message
+        scorer = scorers[index]
+        before = getattr(scorer, "block_runs", 0)
+        try:
+            metrics = [float(metric) for metric in scorer.score(start, end, assignments)]
+            connection.send(("ok", metrics, getattr(scorer, "block_runs", 0) - before))
+        except Exception:  # the parent raises it with this traceback
+            connection.send(("error", traceback.format_exc(), 0))
+
+
+def auto_workers(state_bytes, device):
+    """Worker processes `--workers auto` runs: one per thread torch would use (OMP_NUM_THREADS, else the cores),
+    as many as half the free memory holds at STATES_PER_WORKER states of `state_bytes` each; one on a GPU or under
+    torchrun (their ranks split the candidates) or where free memory is unknown."""
+    if torch.device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1
+    fits = int(free / 2 // max(1, STATES_PER_WORKER * state_bytes))
+    return max(1, min(torch.get_num_threads(), fits))
