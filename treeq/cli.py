@@ -463,7 +463,7 @@ def cmd_search(args):
                         budget_window=None if args.budget_window < 0 else args.budget_window,
                         refine_rows=args.refine_rows, exchange_rounds=args.exchange_rounds, floor=args.floor,
                         max_cost=args.max_cost, low_queue=args.low_queue, low_rows=args.low_rows,
-                        low_levels=args.low_levels, workers=args.workers)
+                        low_levels=args.low_levels, workers=args.workers, early_exit=args.early_exit)
     print(f"{result.method}: average bits {result.average_bits:.3f}, metric {result.metric:.4g}, "
           f"{result.evaluations} evaluations in {result.seconds:.1f} s -> {args.out}; {describe_peak_memory()}")
     return 0
@@ -534,6 +534,9 @@ def _add_search(sub):
     search.add_argument("--max-cost", type=MAX_COST, default=None, metavar="N",
                         help="tss: refuse, before quantizing and scoring, a search that costs more than N image "
                              "equivalents (block-row runs over those of sampling one image; printed first)")
+    search.add_argument("--early-exit", action="store_true",
+                        help="tss: each merge scores its products best-predicted first and stops once a chunk of 64 "
+                             "puts nothing into its queue (a cost lever; docs/RESULTS.md says what it costs)")
     _add_workers(search)
     search.add_argument("--seed", type=SEED, default=0)
     search.add_argument("--resume", action="store_true", help="continue from the state file beside --out")

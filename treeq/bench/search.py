@@ -60,7 +60,8 @@ SCORED_ROWS = 16  # run_search's default calibration_rows
 # segment's end (not a block past); the low levels (segments within the smallest block) scoring a quarter of the
 # rows, or keeping a queue of 8; a queue of 8 at every level. tss-cheap: the first three (a third of FLUX.1's
 # default cost); tss-fast: also queues of 8 above and 4 below (a tenth). Their rows compare with `tss` as well
-# (psnr_minus_tss, held_out_db_minus_tss).
+# (psnr_minus_tss, held_out_db_minus_tss). tss-exit: every merge stops once a chunk of its best-predicted products
+# changes nothing in its queue (search/early_exit.py); its cost is measured, not planned.
 LEVERS = {
     "tss-end": {"method": "tss", "readout_blocks": 0},
     "tss-lowrows": {"method": "tss", "low_rows": 4},
@@ -68,6 +69,7 @@ LEVERS = {
     "tss-q8": {"method": "tss", "queue_size": 8},
     "tss-cheap": {"method": "tss", "readout_blocks": 0, "low_rows": 4, "low_queue": 8},
     "tss-fast": {"method": "tss", "readout_blocks": 0, "low_rows": 4, "queue_size": 8, "low_queue": 4},
+    "tss-exit": {"method": "tss", "early_exit": True},
 }
 SEARCHES = {
     "uniform": {"method": "uniform"},

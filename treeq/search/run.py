@@ -38,7 +38,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                candidates=None, calibration_rows=16, readout_blocks=1, readout=DEFAULT_READOUT, evaluations=None, seed=0, resume=False,
                log=None, cost="bops", progress=True, device=None, refine_sweeps=0, seed_ilp=False, model=None,
                calibration=None, budget_window=BUDGET_WINDOW, refine_rows=None, exchange_rounds=0, floor=None,
-               max_cost=None, low_queue=None, low_rows=None, low_levels=None, workers=1):
+               max_cost=None, low_queue=None, low_rows=None, low_levels=None, workers=1, early_exit=False):
     """Run `method` on the model `recipe` quantizes, with its methods and activation quantizer, and write
     its files; returns the SearchResult (on every rank). recipe: default SEARCH_RECIPE. device: where
     calibration, quantization and scoring run (default this rank's GPU if any, else the CPU).
@@ -58,7 +58,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     equivalents (estimate.plan_tree_search; None: no ceiling).
     low_queue, low_rows, low_levels: tree search only: the levels below `low_levels` (None: those whose segments fit
     in the smallest block, schedule.block_levels) keep `low_queue` candidates and score `low_rows` of the
-    calibration rows (None: queue_size, every row); schedule.Schedule.
+    calibration rows (None: queue_size, every row); schedule.Schedule. early_exit: tree search only: each merge
+    stops scoring once a chunk of its best-predicted products changes nothing (search/early_exit.py).
     workers: on the CPU, processes that score each node's candidates, one thread each (search/pool.py), or
     "auto" (pool.auto_workers: one per thread where memory allows); 1 scores in this process. Under torchrun
     the ranks split the candidates instead."""
@@ -83,6 +84,8 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
     _check_settings(out, method, resume, queue_size, evaluations, env_bits, max_cost)
     _check_workers(workers, device)
     Schedule(queue_size, low_levels or 0, low_queue, low_rows)  # refused before loading
+    if early_exit and method != "tss":
+        raise ValueError(f"early_exit stops a tree search's merges (--method tss), not {method}")
     if (low_queue or low_rows or low_levels is not None) and method != "tss":
         raise ValueError(f"low_queue, low_rows and low_levels schedule a tree search (--method tss), not {method}")
     _check_rows(recipe or SEARCH_RECIPE, calibration_rows, refine_rows, calibration)
@@ -154,7 +157,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
             seeds = [space.assignment(hawq.config)] if hawq else []
             result = tree_search(scorer, space, costs, bits, queue_size=schedule, state_path=f"{stem}.state.json",
                                  log_path=log, resume=resume, progress=progress, writer=writer, seeds=seeds,
-                                 budget_window=budget_window, low_scorer=low_scorer)
+                                 budget_window=budget_window, low_scorer=low_scorer, early_exit=early_exit)
             if hawq:
                 result = replace(result, method="tss+ilp", evaluations=result.evaluations + hawq.evaluations,
                                  seconds=result.seconds + hawq.seconds)
@@ -191,7 +194,7 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                     "refine_sweeps": refine_sweeps, "refine_rows": refine_rows, "floor": floor, "exchange_rounds": exchange_rounds, "seed_ilp": seed_ilp,
                     "budget_window": budget_window if method == "tss" else None,
                     "schedule": schedule.to_dict() if method == "tss" else None,
-                    "workers": pool.workers if pool else 1}
+                    "early_exit": early_exit, "workers": pool.workers if pool else 1}
         compute = _compute(block_runs, block_row_runs, objective.model_rows, image_block_rows(model, recipe.sampling),
                            plan)
         text = json.dumps({"settings": settings, **result.summary(), "held_out_metric": held_out_metric,

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from .cost import parse_target
+from .early_exit import predicted_order, settled
 from .pareto import BUDGET_WINDOW, non_dominated_layers, pareto_drop
 from .result import SearchResult
 from .schedule import as_schedule
@@ -83,7 +84,8 @@ def scored_nodes(space, queue):
 
 
 def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, log_path=None, resume=False,
-                progress=True, chunk_size=64, writer=None, seeds=(), budget_window=BUDGET_WINDOW, low_scorer=None):
+                progress=True, chunk_size=64, writer=None, seeds=(), budget_window=BUDGET_WINDOW, low_scorer=None,
+                early_exit=False):
     """Search `space` for the lowest-metric configuration within `target` average bits.
 
     scorer.score(start, end, assignments) -> metrics: one per assignment, an assignment being the
@@ -100,6 +102,8 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
     own candidates, so it never ends above a seed's metric.
     queue_size: an int, or a schedule.Schedule whose low levels keep their own queue and are scored by
     `low_scorer` (the same objective on fewer rows; None: `scorer`).
+    early_exit: a merge scores its products best-predicted first and stops once a whole chunk puts nothing into
+    its queue (search/early_exit.py); the leaves are scored whole.
     """
     budget = budget_for(space, cost, target)
     seeds = [tuple(tuple(pair) for pair in seed) for seed in seeds]
@@ -119,7 +123,8 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                 "queue_size": schedule.queue_size, "budget_window": budget_window, "scorer": getattr(scorer, "settings", None),
                 **({"schedule": schedule.to_dict(), "low_scorer": getattr(low_scorer, "settings", None)}
                    if not schedule.is_plain() else {}),
-                **({"seeds": [[list(pair) for pair in seed] for seed in seeds]} if seeds else {})}
+                **({"seeds": [[list(pair) for pair in seed] for seed in seeds]} if seeds else {}),
+                **({"early_exit": True} if early_exit else {})}
     state = SearchState(settings, state_path, log_path, resume=resume, writer=writer)
     evaluations, started = state.evaluations, time.perf_counter()
     bar = tqdm(total=expected_evaluations(space, schedule), initial=evaluations, unit="eval",
@@ -147,19 +152,26 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                             for pair, leaf_cost in zip(space.candidates[start], leaf_costs[start])]
                 rest = cheapest[-1] - (cheapest[end] - cheapest[start])
                 feasible = [c for c in pool if cost.within(c.cost + rest, budget)]
+                protected = {seed[start:end] for seed in seeds}
+                window = _window(cost, space.layers[start:end], target, budget_window)
+                exits = early_exit and bool(children) and bool(feasible)
+                if exits:
+                    feasible = predicted_order(feasible, left, right, chunk_size, protected)
                 metrics = state.scored_so_far(level_index, index)[:len(feasible)]  # kept by an interrupted run
                 bar.update(len(metrics))
                 for first in range(len(metrics), len(feasible), chunk_size):
+                    if exits and settled([(c.cost, m) for c, m in zip(feasible, metrics)], chunk_size, kept_size,
+                                         window):
+                        bar.update(len(feasible) - first)  # decided without scoring
+                        break
                     chunk = feasible[first:first + chunk_size]
                     metrics += _score(node_scorer, start, end, [c.bits for c in chunk])
                     bar.update(len(chunk))
                     if first + chunk_size < len(feasible):
                         state.save_progress(level_index, index, metrics)
-                evaluations += len(feasible)
+                evaluations += len(metrics)
                 scored = [c._replace(metric=m) for c, m in zip(feasible, metrics)]
-                kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], kept_size,
-                                            _window(cost, space.layers[start:end], target, budget_window))
-                protected = {seed[start:end] for seed in seeds}
+                kept, dropped = pareto_drop([(c.cost, c.metric) for c in scored], kept_size, window)
                 kept = sorted(kept + [i for i in dropped if scored[i].bits in protected],
                               key=lambda i: (scored[i].cost, scored[i].metric, i))
                 dropped = [i for i in dropped if scored[i].bits not in protected]
@@ -168,6 +180,7 @@ def tree_search(scorer, space, cost, target, *, queue_size=16, state_path=None, 
                 point = lambda c: [cost.segment_average(c.cost, segment), c.metric]  # noqa: E731
                 record = {"segment": [start, end], "kind": "merge" if children else "leaf",
                           "pruned": len(pool) - len(feasible),
+                          **({"skipped": len(feasible) - len(scored)} if exits else {}),
                           "kept": [point(scored[i]) for i in kept], "dropped": [point(scored[i]) for i in dropped]}
                 if level_index == len(levels) - 1:  # the root: choose before dropping
                     best = min(range(len(scored)), key=lambda i: (scored[i].metric, scored[i].cost, i))
