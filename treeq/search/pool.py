@@ -1,8 +1,8 @@
 """Score a node's candidates in forked worker processes on the CPU, one thread each.
 
 At the testbeds' size a block run is a few small matmuls, which keep a second thread of the same process
-busy a fifth of the time (the 12-block search: 1.22x faster on two threads than on one) while two processes
-of one thread each score twice as many candidates. The workers are forked once the model is quantized and the
+busy only part of the time (a small 12-block search: 1.2-1.3x faster on two threads than on one) while two
+one-thread processes score 1.7x faster than two threads (docs/RESULTS.md). The workers are forked once the model is quantized and the
 scorer has cached its states, so they start with all of it as it is (pages shared copy-on-write: nothing is
 loaded, calibrated or quantized again, no second copy of the weights); each scores a contiguous share of a
 call's candidates (consecutive candidates share their first blocks) and the metrics come back in order.
@@ -124,8 +124,9 @@ def _serve(connection, scorers, threads):
 def auto_workers(state_bytes, device):
     """Worker processes `--workers auto` runs: one per thread torch would use (OMP_NUM_THREADS, else the cores),
     as many as half the free memory holds at STATES_PER_WORKER states of `state_bytes` each; one on a GPU or under
-    torchrun (their ranks split the candidates) or where free memory is unknown."""
-    if torch.device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    torchrun (their ranks split the candidates), where processes cannot fork, or where free memory is unknown."""
+    if (torch.device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1
+            or "fork" not in multiprocessing.get_all_start_methods()):
         return 1
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
