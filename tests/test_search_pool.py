@@ -79,7 +79,7 @@ def test_run_search_with_two_workers_equals_one(tiny_dit, tmp_path, monkeypatch,
                           "clip_sample": False, "scheduler": None}
         out = tmp_path / str(workers) / "bits.json"
         results[workers] = run.run_search(recipe, "W4A4", "tss", out=out, model=model, calibration_rows=2,
-                                          queue_size=2, progress=False, workers=workers)
+                                          queue_size=2, low_rows=1, progress=False, workers=workers)
         written = json.loads(out.with_suffix(".results.json").read_text())
         assert written["settings"]["workers"] == workers and written["compute"]["block_runs"] > 0
     assert results[2].config == results[1].config and results[2].metric == results[1].metric
