@@ -70,3 +70,32 @@ def test_an_interrupted_early_exit_search_resumes_to_the_same_result(tmp_path):
                 chunk_size=2)
     with pytest.raises(ValueError):
         tree_search(CoupledScorer(), space, cost, target, state_path=tmp_path / "c.json", resume=True, **options)
+
+
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_a_searchs_log_replayed_counts_the_block_runs_its_scorer_ran(tiny_dit, tmp_path, early_exit):
+    """bench search-compute's replay: the same search again from its log, counted without a model."""
+    from treeq.bench.search_analysis import _LogReplay
+    from treeq.bits import quantizable_layers, uniform_config
+    from treeq.models.adapters import adapter_for
+    from treeq.ptq.apply import quantize
+    from treeq.search.cost import cost_model
+    from treeq.search.estimate import BlockRunCounter
+    from treeq.search.objective import ModelObjective
+    from treeq.search.space import SearchSpace
+
+    from test_search_objective import calibration
+
+    quantized = quantize(tiny_dit, uniform_config(tiny_dit, 8, 8))
+    layers = quantizable_layers(tiny_dit)
+    space = SearchSpace.build(layers, [(4, 4), (3, 3), (8, 8), (4, 8)])
+    options = dict(queue_size=5, progress=False, chunk_size=4, early_exit=early_exit)
+    objective = ModelObjective(quantized, calibration(4), 4, readout_blocks=1)
+    ran = tree_search(objective, space, cost_model(tiny_dit), 4.0, log_path=tmp_path / "log.jsonl", **options)
+    adapter = adapter_for(tiny_dit)
+    block_of = adapter.block_of(tiny_dit)
+    counter = BlockRunCounter([block_of[name] for name in layers], len(adapter.block_names(tiny_dit)), 1,
+                              scorer=_LogReplay(tmp_path / "log.jsonl"))
+    replayed = tree_search(counter, space, cost_model(tiny_dit), 4.0, **options)
+    assert replayed.config == ran.config and counter.evaluations == ran.evaluations
+    assert counter.block_runs == objective.block_runs > 0

@@ -414,6 +414,9 @@ _BENCHES = {
     # parts (blocks, quantize, tiny) and families (pixart, sd3, flux, sana, wan) in --settings; one thread
     "families": ("families", "bench_families", lambda a: {"seed": a.seed, **_settings(a, "settings")}),
     "locality": ("search_analysis", "bench_locality", lambda a: {"model": a.model or "default"}),
+    "search-compute": ("search_analysis", "bench_search_compute", lambda a: {
+        "model": a.model or "default", **_settings(a, "targets"),
+        **({"methods": tuple(a.methods.split(","))} if a.methods else {})}),
     "additivity": ("search_analysis", "bench_additivity", lambda a: {"model": a.model or "default", "seed": a.seed}),
     "kernels": ("kernels", "bench_kernels", lambda a: {"seed": a.seed}),
     "kernel-parts": ("kernel_parts", "bench_kernel_parts", lambda a: {"seed": a.seed}),

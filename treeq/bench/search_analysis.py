@@ -5,20 +5,24 @@ its metric is, and how local the coupling between layers is on a testbed (TreeQ 
 random scorer suffices for counting; budget pruning is real), against the exhaustive |C|^n.
 `treeq bench additivity`: the model-output error of two quantized layers against the sum of each alone,
 and of random configurations against the integer program's sum of single-layer sensitivities.
+`treeq bench search-compute`: the block runs finished `treeq bench search` tree searches ran, replayed from
+their logs.
 `treeq bench locality`: relative L2 error of every block's output when only blocks.0.attn.qkv is
 quantized (W4A4, the search's recipe), on calibration inputs of the testbed.
 """
+import json
 import math
 from dataclasses import replace
 
 import torch
 
 from ..bits import uniform_config
+from ..models.adapters import adapter_for
 from ..models.load import load
 from ..models.registry import create_model
 from ..ptq.apply import quantize, set_bits_
-from ..ptq.calibration import load_or_collect, spread_rows
-from ..search.cost import cost_model
+from ..ptq.calibration import load_or_collect, load_or_record_states, split_rows, spread_rows
+from ..search.cost import cost_model, parse_target
 from ..search.run import SEARCH_RECIPE
 from ..search.space import DEFAULT_CANDIDATES, SearchSpace
 from ..search.tree import tree_search
@@ -117,3 +121,56 @@ def bench_additivity(model="default", low=(3, 3), distances=(1, 2, 5, 10, 20), p
 def _spread(ratios):
     return {"joint_over_sum_mean": sum(ratios) / len(ratios), "joint_over_sum_min": min(ratios),
             "joint_over_sum_max": max(ratios)}
+
+
+class _LogReplay:
+    """The metrics a finished search logged, served again by (segment, assignment): the same search runs again
+    without a model, so a scorer wrapped around this one counts what it ran."""
+
+    def __init__(self, log_path):
+        self.metrics = {}
+        with open(log_path) as log:
+            for line in log:
+                entry = json.loads(line)
+                bits = tuple((bits["w_bits"], bits["a_bits"]) for bits in entry["config"].values())
+                self.metrics[(*entry["segment"], bits)] = entry["metric"]
+
+    def score(self, start, end, assignments):
+        return [self.metrics[(start, end, tuple(tuple(pair) for pair in assignment))] for assignment in assignments]
+
+
+def bench_search_compute(model="default", targets=("W4A4", "W3A3"), methods=("tss", "tss-exit")):
+    """Rows {target, method, evaluations, block_runs, block_row_runs, image_equivalents, cut}: the compute of
+    finished `treeq bench search` tree searches (a lever row's own settings), counted by replaying each one's
+    log through estimate.BlockRunCounter: exact for runs that predate the results' `compute`. `cut`: the
+    first method's block-row runs over the row's."""
+    from ..search.estimate import BlockRunCounter, image_block_rows
+    from ..search.objective import model_rows
+    from ..search.schedule import model_schedule
+    from .search import FOLDER, SEARCHES, bench_folder
+
+    net = load(model)
+    states = load_or_record_states(net, **SEARCH_RECIPE.calibration_options())
+    adapter = adapter_for(net)
+    layers = list(uniform_config(net, 8, 8))
+    block_of = [adapter.block_of(net)[name] for name in layers]
+    depth = len(adapter.block_names(net))
+    folder, rows = bench_folder(FOLDER, model), []
+    for target in targets:
+        space = SearchSpace.build(layers, DEFAULT_CANDIDATES[parse_target(target)])
+        first = None
+        for method in methods:
+            options = SEARCHES[method]
+            schedule = model_schedule(net, layers, options.get("queue_size", 16), options.get("low_levels"),
+                                      options.get("low_queue"), options.get("low_rows"))
+            counter = BlockRunCounter(block_of, depth, options.get("readout_blocks", 1),
+                                      scorer=_LogReplay(folder / f"{target}-{method}.log.jsonl"))
+            tree_search(counter, space, cost_model(net), target, queue_size=schedule, progress=False,
+                        early_exit=options.get("early_exit", False))
+            block_row_runs = counter.block_runs * model_rows(split_rows(states, (16,), net)[0], net)
+            first = first or block_row_runs
+            rows.append({"target": target, "method": method, "evaluations": counter.evaluations,
+                         "block_runs": counter.block_runs, "block_row_runs": block_row_runs,
+                         "image_equivalents": block_row_runs / image_block_rows(net, SEARCH_RECIPE.sampling),
+                         "cut": first / block_row_runs})
+    return rows
