@@ -7,9 +7,9 @@ uniform baseline, from the same seeds.
    branch at uniform W4A4 (the strongest uniform baseline of `treeq bench recipes`).
 3. FP, baseline and TreeQ sample the same labels from the same noise; the table, sample strips, the
    search's Pareto plots and a self-contained report.html go to the run folder.
-Shrunk for a 2-core CPU (15 minutes with its setup): 100 samples per model (the 10 x 10 grids),
-the search at its defaults (16 calibration rows, queue 16: at W3A3 a queue of 8 loses most of the
-quality, see `treeq bench ablation`).
+Shrunk for a 2-core CPU: 100 samples per model (the 10 x 10 grids), the search at its defaults (16
+calibration rows, queue 16: at W3A3 a queue of 8 loses most of the quality, see `treeq bench ablation`),
+its candidates scored by one-thread workers as `treeq search` scores them.
 """
 import json
 from pathlib import Path
@@ -40,7 +40,7 @@ def run_demo(out, num_samples=100, seed=0):
     model = load("default")
     recipe = treeq_recipe()
     print(f"TreeQ search ({TARGET}, environment {TARGET}, recipe {','.join(recipe.methods)}, objective: {OBJECTIVE})")
-    search = run_search(recipe, TARGET, "tss", out=out / "bits.json")
+    search = run_search(recipe, TARGET, "tss", out=out / "bits.json", workers="auto")
     runs = [(TARGET, SEARCH_RECIPE), (("TreeQ " + TARGET, search.config), recipe)]
     names = ("fp", "uniform " + ",".join(SEARCH_RECIPE.methods), "treeq (tss + eng + gmb)")
     configs = (None, preset_config(model, TARGET), search.config)
