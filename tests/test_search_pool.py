@@ -121,3 +121,28 @@ def test_the_cli_takes_auto_or_a_count(capsys):
 
     assert main(["search", "--workers", "none"]) == 2
     assert "--workers" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_left_to_the_parent_so_the_workers_stay_in_step():
+    import os
+    import signal
+
+    space, _, _ = coupled_problem()
+    good = [(pair,) for pair in space.candidates[0]]
+    expected = CoupledScorer().score(0, 1, good * 2)
+    with ForkedPool([CoupledScorer()], 2) as pool:
+        assert pool.score(0, 0, 1, good * 2) == expected  # the worker is in its loop
+        os.kill(pool._processes[0].pid, signal.SIGINT)
+        pool._processes[0].join(timeout=0.5)  # a worker that did not ignore it is gone by now
+        assert pool._processes[0].is_alive()
+        assert pool.score(0, 0, 1, good * 2) == expected
+
+
+def test_a_worker_that_is_gone_is_named_not_skipped():
+    space, _, _ = coupled_problem()
+    good = [(pair,) for pair in space.candidates[0]]
+    with ForkedPool([CoupledScorer()], 2) as pool:
+        pool._processes[0].kill()
+        pool._processes[0].join()
+        with pytest.raises(RuntimeError, match="search worker 1 failed:\nthe worker exited without replying"):
+            pool.score(0, 0, 1, good * 2)

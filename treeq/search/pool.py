@@ -11,6 +11,7 @@ Forking needs a process that has not started CUDA: on GPUs, torchrun's ranks spl
 """
 import multiprocessing
 import os
+import signal
 import traceback
 
 import torch
@@ -51,15 +52,14 @@ class ForkedPool:
         """scorers[index].score over the workers: metrics in the order of `assignments`."""
         share = -(-len(assignments) // self.workers)  # ceil: worker w scores [w * share, (w + 1) * share)
         parts = [assignments[w * share:(w + 1) * share] for w in range(self.workers)]
-        for connection, part in zip(self._connections, parts[1:]):
-            if part:
-                connection.send((index, start, end, part))
+        shares = list(zip(self._connections, parts[1:]))
+        sent = [bool(part) and _send(connection, (index, start, end, part)) for connection, part in shares]
         scorer = self.scorers[index]
         try:
             metrics = list(scorer.score(start, end, parts[0])) if parts[0] else []
         finally:  # every sent share is received, so a later call never reads this one's replies
-            replies = [connection.recv() if part else ("ok", [], 0)
-                       for connection, part in zip(self._connections, parts[1:])]
+            replies = [("ok", [], 0) if not part else _receive(connection) if was_sent else ("error", _GONE, 0)
+                       for (connection, part), was_sent in zip(shares, sent)]
         for worker, (status, value, block_runs) in enumerate(replies, 1):
             if status != "ok":
                 raise RuntimeError(f"search worker {worker} failed:\n{value}")
@@ -72,7 +72,7 @@ class ForkedPool:
 
     def close(self):
         for connection in self._connections:
-            connection.send(None)
+            _send(connection, None)
             connection.close()
         for process in self._processes:
             process.join()
@@ -101,8 +101,30 @@ class PooledScorer:
         return self.pool.score(self.index, start, end, assignments)
 
 
+_GONE = "the worker exited without replying (killed, or out of memory?)"
+
+
+def _send(connection, message):
+    """Send to a worker; False where it is gone (its reply then says so)."""
+    try:
+        connection.send(message)
+        return True
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+
+
+def _receive(connection):
+    try:
+        return connection.recv()
+    except (EOFError, ConnectionResetError):
+        return ("error", _GONE, 0)
+
+
 def _serve(connection, scorers, threads):
-    """A worker's loop: score the shares it is sent until told to stop (None) or its parent is gone."""
+    """A worker's loop: score the shares it is sent until told to stop (None) or its parent is gone. Ctrl-C
+    reaches the whole process group: the parent alone handles it (it keeps what was scored and closes the pool),
+    so a worker ignores it and finishes its share."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     while True:
         try:
