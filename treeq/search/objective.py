@@ -206,7 +206,6 @@ class ModelObjective:
         """Cache the state entering every block at env_bits now (search/pool.py forks workers that share it)."""
         with torch.no_grad():
             self.entering(self.depth - 1)
-            self._set_environment()
 
     def entering(self, block):
         """The state entering `block` with every layer at env_bits (per row batch), cached per (block, env_bits).

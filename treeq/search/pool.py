@@ -2,10 +2,11 @@
 
 At the testbeds' size a block run is a few small matmuls, which keep a second thread of the same process
 busy only part of the time (a small 12-block search: 1.2-1.3x faster on two threads than on one) while two
-one-thread processes score 1.7x faster than two threads (docs/RESULTS.md). The workers are forked once the model is quantized and the
-scorer has cached its states, so they start with all of it as it is (pages shared copy-on-write: nothing is
-loaded, calibrated or quantized again, no second copy of the weights); each scores a contiguous share of a
-call's candidates (consecutive candidates share their first blocks) and the metrics come back in order.
+one-thread processes score 1.7x faster than two threads (docs/RESULTS.md). The workers are forked once the
+model is quantized and the scorer has cached its states, so they start with all of it as it is (pages shared
+copy-on-write: nothing is loaded, calibrated or quantized again, no second copy of the weights); each scores a
+contiguous share of a call's candidates (consecutive candidates share their first blocks) and the metrics come
+back in order.
 Forking needs a process that has not started CUDA: on GPUs, torchrun's ranks split the candidates instead
 (search/distributed.py).
 """
@@ -28,7 +29,7 @@ class ForkedPool:
     def __init__(self, scorers, workers, threads=1):
         if workers < 2:
             raise ValueError(f"a pool needs at least 2 workers, got {workers}")
-        self.scorers, self.workers, self.threads = list(scorers), workers, threads
+        self.scorers, self.workers = list(scorers), workers
         self.scored = [0] * workers  # candidates each process scored: the split, visible to tests and logs
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(threads)  # before warming: the states the workers inherit are computed as theirs
