@@ -134,10 +134,11 @@ def run_search(recipe=None, target="W4A4", method="tss", *, out="bits.json", env
                                                             readout=readout)
     pool = _pool(workers, [objective, *([low_objective] if low_objective else [])], device, distributed)
     try:
-        spread = _spread(objective) if distributed else None
-        scorer = spread or (pool.scorer(0) if pool else objective)
-        low_scorer = None if low_objective is None else (_spread(low_objective) if distributed else
-                                                         pool.scorer(1) if pool else low_objective)
+        def shared(part, index):  # scored by the torchrun ranks, by this pool's workers, or here
+            return _spread(part) if distributed else pool.scorer(index) if pool else part
+        scorer = shared(objective, 0)
+        spread = scorer if distributed else None
+        low_scorer = None if low_objective is None else shared(low_objective, 1)
         out = Path(out)
         stem = out.with_suffix("")
         log = log or f"{stem}.log.jsonl"
