@@ -215,6 +215,7 @@ def test_quantize_passes_the_ilp_seed_to_its_search(tiny_path, tmp_path, monkeyp
     argv = ["quantize", "--model", tiny_path, "--target", "W3A3", "--seed-ilp", "--out", str(tmp_path / "q")]
     assert main(argv) == 2 and calls[0]["seed_ilp"] is True
     assert main(argv[:5] + argv[6:]) == 2 and calls[1]["seed_ilp"] is False
+    assert calls[0]["workers"] == "auto" and main([*argv, "--workers", "3"]) == 2 and calls[2]["workers"] == 3
 
 
 def test_a_run_whose_recipe_names_unknown_bits_is_refused(tiny_path, tmp_path, capsys):
