@@ -112,6 +112,8 @@ def test_auto_workers_follow_threads_memory_device_and_torchrun(monkeypatch):
     assert auto_workers(2 ** 30, "cpu") == 2
     assert auto_workers(2 ** 40, "cpu") == 1
     assert auto_workers(2 ** 20, "cuda") == 1
+    monkeypatch.setattr(pool_module.torch, "get_num_threads", lambda: 64)
+    assert auto_workers(2 ** 20, "cpu") == pool_module.MAX_AUTO_WORKERS == 8
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert auto_workers(2 ** 20, "cpu") == 1
 

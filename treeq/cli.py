@@ -62,7 +62,8 @@ def _workers(text):
 def _add_workers(parser):
     parser.add_argument("--workers", type=_workers, default="auto",
                         help="CPU: processes that score the search's candidates, one thread each (auto: one per "
-                             "thread torch uses, as memory allows; 1: this process's threads); on GPUs use torchrun")
+                             "thread torch uses, up to 8, as memory allows; 1: this process's threads); on GPUs "
+                             "use torchrun")
 
 
 def _sampling_overrides(args):

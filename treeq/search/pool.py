@@ -20,6 +20,10 @@ import torch
 # Free memory a worker may take is this many states of the scorer's rows (a block's activations, its MLP's
 # four-times-wider hidden tokens among them); `auto_workers` keeps that within half the free memory.
 STATES_PER_WORKER = 16
+# `auto` stops here: the tree scores chunks of 64 candidates and each worker's share restarts at its segment
+# (2 workers ran 0.3% more block runs than one process on the deep testbed); shares of 8 keep most of the
+# sharing between consecutive candidates. A larger --workers is taken as given.
+MAX_AUTO_WORKERS = 8
 
 
 class ForkedPool:
@@ -146,7 +150,8 @@ def _serve(connection, scorers, threads):
 
 def auto_workers(state_bytes, device):
     """Worker processes `--workers auto` runs: one per thread torch would use (OMP_NUM_THREADS, else the cores),
-    as many as half the free memory holds at STATES_PER_WORKER states of `state_bytes` each; one on a GPU or under
+    at most MAX_AUTO_WORKERS and as many as half the free memory holds at STATES_PER_WORKER states of
+    `state_bytes` each; one on a GPU or under
     torchrun (their ranks split the candidates), where processes cannot fork, or where free memory is unknown."""
     if (torch.device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1
             or "fork" not in multiprocessing.get_all_start_methods()):
@@ -156,4 +161,4 @@ def auto_workers(state_bytes, device):
     except (ValueError, OSError, AttributeError):
         return 1
     fits = int(free / 2 // max(1, STATES_PER_WORKER * state_bytes))
-    return max(1, min(torch.get_num_threads(), fits))
+    return max(1, min(torch.get_num_threads(), MAX_AUTO_WORKERS, fits))
