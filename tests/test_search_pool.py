@@ -148,3 +148,11 @@ def test_a_worker_that_is_gone_is_named_not_skipped():
         pool._processes[0].join()
         with pytest.raises(RuntimeError, match="search worker 1 failed:\nthe worker exited without replying"):
             pool.score(0, 0, 1, good * 2)
+
+
+def test_the_peak_memory_line_names_the_workers_peak():
+    from treeq.memory import describe_peak_memory
+
+    with ForkedPool([CoupledScorer()], 2):
+        pass  # closing joins the worker: its peak RSS is now the children's
+    assert "(a child process: " in describe_peak_memory()
