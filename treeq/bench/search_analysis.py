@@ -155,6 +155,8 @@ def bench_search_compute(model="default", targets=("W4A4", "W3A3"), methods=("ts
     layers = list(uniform_config(net, 8, 8))
     block_of = [adapter.block_of(net)[name] for name in layers]
     depth = len(adapter.block_names(net))
+    scored_rows = model_rows(split_rows(states, (16,), net)[0], net)  # run_search's 16 calibration rows
+    image_rows = image_block_rows(net, SEARCH_RECIPE.sampling)
     folder, rows = bench_folder(FOLDER, model), []
     for target in targets:
         space = SearchSpace.build(layers, DEFAULT_CANDIDATES[parse_target(target)])
@@ -167,10 +169,10 @@ def bench_search_compute(model="default", targets=("W4A4", "W3A3"), methods=("ts
                                       scorer=_LogReplay(folder / f"{target}-{method}.log.jsonl"))
             tree_search(counter, space, cost_model(net), target, queue_size=schedule, progress=False,
                         early_exit=options.get("early_exit", False))
-            block_row_runs = counter.block_runs * model_rows(split_rows(states, (16,), net)[0], net)
+            block_row_runs = counter.block_runs * scored_rows
             first = first or block_row_runs
             rows.append({"target": target, "method": method, "evaluations": counter.evaluations,
                          "block_runs": counter.block_runs, "block_row_runs": block_row_runs,
-                         "image_equivalents": block_row_runs / image_block_rows(net, SEARCH_RECIPE.sampling),
+                         "image_equivalents": block_row_runs / image_rows,
                          "cut": first / block_row_runs})
     return rows

@@ -28,8 +28,8 @@ class DistributedScorer:
         return getattr(self.scorer, "settings", None)
 
     def score(self, start, end, assignments):
-        share = -(-len(assignments) // self.world_size)  # ceil: rank r scores [r * share, (r + 1) * share)
-        mine = assignments[self.rank * share:(self.rank + 1) * share]
+        parts = contiguous_shares(assignments, self.world_size)
+        mine, share = parts[self.rank], len(parts[0])
         local = torch.full((share,), float("nan"), dtype=torch.float64, device=self.device)
         if mine:
             local[:len(mine)] = torch.tensor([float(m) for m in self.scorer.score(start, end, mine)],
@@ -37,3 +37,10 @@ class DistributedScorer:
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
         return torch.cat(gathered)[:len(assignments)].tolist()
+
+
+def contiguous_shares(items, count):
+    """`items` in `count` contiguous shares of ceil(len / count), the last ones shorter or empty: consecutive
+    candidates stay together, so a share shares their first blocks (the ranks' split and the workers')."""
+    share = -(-len(items) // count)
+    return [items[index * share:(index + 1) * share] for index in range(count)]

@@ -6,9 +6,8 @@ one-thread processes score 1.7x faster than two threads (docs/RESULTS.md). The w
 model is quantized and the scorer has cached its states, so they start with all of it as it is (pages shared
 copy-on-write: nothing is loaded, calibrated or quantized again, no second copy of the weights); each scores a
 contiguous share of a call's candidates (consecutive candidates share their first blocks) and the metrics come
-back in order.
-Forking needs a process that has not started CUDA: on GPUs, torchrun's ranks split the candidates instead
-(search/distributed.py).
+back in order. Forking needs a process that has not started CUDA: on GPUs, torchrun's ranks split the
+candidates instead (search/distributed.py).
 """
 import multiprocessing
 import os
@@ -16,6 +15,8 @@ import signal
 import traceback
 
 import torch
+
+from .distributed import contiguous_shares
 
 # Free memory a worker may take is this many states of the scorer's rows (a block's activations, its MLP's
 # four-times-wider hidden tokens among them); `auto_workers` keeps that within half the free memory.
@@ -55,8 +56,7 @@ class ForkedPool:
 
     def score(self, index, start, end, assignments):
         """scorers[index].score over the workers: metrics in the order of `assignments`."""
-        share = -(-len(assignments) // self.workers)  # ceil: worker w scores [w * share, (w + 1) * share)
-        parts = [assignments[w * share:(w + 1) * share] for w in range(self.workers)]
+        parts = contiguous_shares(assignments, self.workers)
         shares = list(zip(self._connections, parts[1:]))
         sent = [bool(part) and _send(connection, (index, start, end, part)) for connection, part in shares]
         scorer = self.scorers[index]
@@ -151,8 +151,8 @@ def _serve(connection, scorers, threads):
 def auto_workers(state_bytes, device):
     """Worker processes `--workers auto` runs: one per thread torch would use (OMP_NUM_THREADS, else the cores),
     at most MAX_AUTO_WORKERS and as many as half the free memory holds at STATES_PER_WORKER states of
-    `state_bytes` each; one on a GPU or under
-    torchrun (their ranks split the candidates), where processes cannot fork, or where free memory is unknown."""
+    `state_bytes` each; one on a GPU or under torchrun (their ranks split the candidates), where processes
+    cannot fork, or where free memory is unknown."""
     if (torch.device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1
             or "fork" not in multiprocessing.get_all_start_methods()):
         return 1
